@@ -1,0 +1,58 @@
+# strata — two commands on a fresh Debian 12 machine, as root:
+#   make demo   runs the main job end to end
+#   make test   lints, type-checks and runs the test suite
+# Both install what they need (Debian packages, a venv, the project) and are idempotent.
+
+PYTHON ?= python3
+VENV   := $(CURDIR)/.venv
+PY     := $(VENV)/bin/python
+# Where mount.fuse3 (which resets PATH) and containerd's snapshotter look for helpers.
+SBIN   := /usr/local/sbin
+
+# Debian packages: build deps of pyfuse3, the kernel-side tools, and the real clients
+# the tests drive (peers, docker, podman, registry).
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc attr psmisc e2fsprogs \
+	fuse-overlayfs unionfs-fuse fio \
+	docker.io podman docker-registry skopeo busybox-static iproute2 iputils-ping
+
+.PHONY: all deps venv install test lint demo bench clean
+all: install
+
+.stamp-apt: Makefile
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@touch $@
+
+deps: .stamp-apt
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+.stamp-venv: pyproject.toml .stamp-apt | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $@
+
+install: .stamp-venv
+	@ln -sf $(VENV)/bin/strata-unionfs $(SBIN)/strata-unionfs
+	@ln -sf $(VENV)/bin/strata $(SBIN)/strata
+
+lint: install
+	$(VENV)/bin/ruff check unionfs volumes runtime plugin_api tests benchmarks
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest -q tests
+
+demo: install
+	$(PY) -m runtime.demo
+
+bench: install
+	$(PY) -m benchmarks $(if $(FULL),--full,)
+
+clean:
+	rm -rf $(VENV) .stamp-apt .stamp-venv

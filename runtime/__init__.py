@@ -1,0 +1,1 @@
+"""The strata container runtime and the `strata` command line."""

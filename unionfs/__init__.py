@@ -1,0 +1,8 @@
+"""strata's storage driver, the lowest package of the stack.
+
+Offers `strata-unionfs` (a FUSE copy-on-write union filesystem with kernel
+overlayfs semantics and on-disk format, a drop-in for fuse-overlayfs), the
+layer store (content-addressed image layers, layer tars in and out,
+deduplication) and the kernel-interface helpers the packages above share.
+Imports nothing of volumes/, plugin_api/ or runtime/.
+"""

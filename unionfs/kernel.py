@@ -1,0 +1,71 @@
+"""Kernel interfaces Python 3.11's os module lacks, through ctypes on libc:
+mount(2), umount2(2) and the mount-table query the packages above share."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from pathlib import Path
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+
+MNT_FORCE = 1
+MNT_DETACH = 2
+
+
+def _b(s: str | os.PathLike[str] | None) -> bytes | None:
+    return None if s is None else os.fsencode(s)
+
+
+def mount(
+    source: str | os.PathLike[str] | None,
+    target: str | os.PathLike[str],
+    fstype: str | None = None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
+    """mount(2); raises OSError naming the target."""
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype or ''} on {target}: {os.strerror(err)}")
+
+
+def umount(target: str | os.PathLike[str], flags: int = 0) -> None:
+    """umount2(2); raises OSError naming the target."""
+    if _libc.umount2(_b(target), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def _unescape(field: str) -> str:
+    """/proc/self/mounts escapes space, tab, newline and backslash as octal."""
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def mounts() -> list[tuple[str, str, str, str]]:
+    """(source, target, fstype, options) of every mount, from /proc/self/mounts."""
+    out = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        src, tgt, fstype, opts = line.split()[:4]
+        out.append((_unescape(src), _unescape(tgt), fstype, opts))
+    return out
+
+
+def is_mountpoint(path: str | os.PathLike[str]) -> bool:
+    """True when something is mounted exactly at path (works for dead FUSE mounts too)."""
+    target = os.path.realpath(path)
+    return any(t == target for _, t, _, _ in mounts())

@@ -1,0 +1,2 @@
+"""The volume manager: named volumes with drivers (managed directory, bind,
+copy-on-write clone, tmpfs), reference-counted mounts and crash-safe state."""
