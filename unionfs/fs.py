@@ -181,7 +181,7 @@ class UnionFS(pyfuse3.Operations):
             src = self.stack.real(layer, rel)
             lst = os.lstat(src)
             ust = copy_up(work, src, lst, self.stack.real(UPPER, rel), fsync=False)
-            self.table.copied_up(lst, ust)
+            self.table.copied_up(lst, layer, rel, ust)
             node = self.table.by_path.get(rel)
             if node is not None:
                 node.layer = UPPER
@@ -197,13 +197,8 @@ class UnionFS(pyfuse3.Operations):
         src = self._real(node)
         lst = os.lstat(src)
         ust = copy_up(work, src, lst, self.stack.real(UPPER, node.path), data, self.opts.fsync)
-        self.table.copied_up(lst, ust)
+        self.table.copied_up(lst, node.layer, node.path, ust)
         node.layer = UPPER
-        for alias in node.aliases:
-            parent = self.table.by_path.get(os.path.dirname(alias))
-            if parent is not None:
-                pyfuse3.invalidate_entry_async(parent.ino, os.fsencode(os.path.basename(alias)))
-        node.aliases.clear()
 
     def _copy_up_tree(self, rel: str, entry: Entry) -> None:
         """Bring a whole merged directory into the upper, so it can be renamed
@@ -237,8 +232,7 @@ class UnionFS(pyfuse3.Operations):
     def _create_entry(self, parent: Node, name: str, ctx: RequestContext,
                       make: Callable[[str], None], mode: int | None) -> tuple[Entry, Node]:
         """Create a new name in the upper: in place, or, where a whiteout stands,
-        built in the work dir and renamed over it (a directory made there is
-        opaque: what the whiteout hid stays hidden)."""
+        built in the work dir and renamed over it."""
         work = self._writable()
         if self._resolve(parent, name) is not None:
             raise FUSEError(errno.EEXIST)
@@ -258,10 +252,17 @@ class UnionFS(pyfuse3.Operations):
                 if setgid and stat.S_ISDIR(mode):
                     mode |= stat.S_ISGID
                 os.chmod(path, stat.S_IMODE(mode))
+            is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+            if is_dir and (over_whiteout or parent.lowers):
+                # As the kernel does: nothing below can show through a new directory.
+                set_opaque(path)
             if over_whiteout:
-                if stat.S_ISDIR(os.lstat(path).st_mode):
-                    set_opaque(path)
-                os.rename(path, target)
+                if is_dir:
+                    # A directory cannot replace a whiteout: swap them, then drop the whiteout.
+                    rename2(path, target, RENAME_EXCHANGE)
+                    work.discard(path)
+                else:
+                    os.rename(path, target)
         except BaseException:
             work.discard(path)
             raise
@@ -432,7 +433,7 @@ class UnionFS(pyfuse3.Operations):
         if dst is not None:
             if flags & pyfuse3.RENAME_NOREPLACE:
                 raise FUSEError(errno.EEXIST)
-            if self.table.ino_for(dst.st) == src_node.ino:
+            if self.table.ino_for(dst.st, dst.layer, join(new_parent.path, new)) == src_node.ino:
                 return  # two names of one file: rename(2) does nothing
             if src.is_dir and not dst.is_dir:
                 raise FUSEError(errno.ENOTDIR)

@@ -3,9 +3,11 @@
 A number is tied to the identity (st_dev, st_ino) of the real file behind a
 name, and that tie is kept for the life of the mount, so a file keeps its
 st_ino when the kernel forgets and re-looks it up, and when it is copied up
-(the upper copy's identity is tied to the same number). Hard links in one
-layer share a number. Nodes (path, layer, lookup count) exist only while the
-kernel references them.
+(the upper copy's identity is tied to the same number). Hard links in the
+upper share a number. Hard links in a lower layer do not: FUSE tells an open
+only the inode, and copy-up must know which name is being written, since it
+breaks the link as the kernel's overlayfs does. Nodes (path, layer, lookup
+count) exist only while the kernel references them.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import pyfuse3
 
 from .layers import UPPER, Entry
 
-Key = tuple[int, int]
+Key = tuple[int, int] | tuple[int, int, str]
 
 
-def key_of(st: os.stat_result) -> Key:
+def key_of(st: os.stat_result, layer: int = UPPER, rel: str = "") -> Key:
+    if layer != UPPER and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+        return (st.st_dev, st.st_ino, rel)
     return (st.st_dev, st.st_ino)
 
 
@@ -62,8 +66,8 @@ class InodeTable:
         self.nodes[node.ino] = node
         self.by_path[node.path] = node
 
-    def ino_for(self, st: os.stat_result) -> int:
-        k = key_of(st)
+    def ino_for(self, st: os.stat_result, layer: int = UPPER, rel: str = "") -> int:
+        k = key_of(st, layer, rel)
         ino = self._by_key.get(k)
         if ino is None:
             ino = self._by_key[k] = self._next
@@ -72,7 +76,7 @@ class InodeTable:
 
     def attach(self, rel: str, entry: Entry) -> Node:
         """The node for a name just resolved; the caller counts the lookup."""
-        ino = self.ino_for(entry.st)
+        ino = self.ino_for(entry.st, entry.layer, rel)
         node = self.nodes.get(ino)
         if node is None:
             node = Node(ino, rel, entry.layer, entry.is_dir, entry.lowers)
@@ -87,16 +91,9 @@ class InodeTable:
         node.unlinked = False
         return node
 
-    def copied_up(self, lower_st: os.stat_result, upper_st: os.stat_result) -> int:
-        """Tie the upper copy to the number the lower file had; return that number.
-        A lower file with other hard links gives its number to the copy: the
-        links left below get a new one on their next lookup, so no number ever
-        stands for two different files."""
-        ino = self.ino_for(lower_st)
-        self._by_key[key_of(upper_st)] = ino
-        if lower_st.st_nlink > 1 and not stat.S_ISDIR(lower_st.st_mode):
-            del self._by_key[key_of(lower_st)]
-        return ino
+    def copied_up(self, lower_st: os.stat_result, layer: int, rel: str, upper_st: os.stat_result) -> None:
+        """Tie the upper copy to the number the lower file had."""
+        self._by_key[key_of(upper_st)] = self.ino_for(lower_st, layer, rel)
 
     def forget_key(self, st: os.stat_result) -> None:
         """The real file is gone: its identity may be reused by a new file."""
