@@ -33,11 +33,19 @@ def daemon_pids(mnt: Path) -> list[int]:
         except OSError:
             continue
         if any(b"strata-unionfs" in a or b"fuse-overlayfs" in a for a in argv[:2]) and \
-                any(os.fsdecode(a).rstrip("/") in (target, os.path.relpath(target)) for a in argv):
+                any(_names(target, os.fsdecode(a)) for a in argv[1:]):
             with contextlib.suppress(OSError):
                 if (p / "stat").read_text().split()[2] != "Z":
                     pids.append(int(p.name))
     return pids
+
+
+def _names(target: str, arg: str) -> bool:
+    """Whether a daemon's argument names target (relative ones were relative to its start dir)."""
+    arg = arg.rstrip("/")
+    if not arg or arg.startswith("-"):
+        return False
+    return arg == target if arg.startswith("/") else target.endswith("/" + arg)
 
 
 def is_mounted(mnt: Path) -> bool:
