@@ -50,8 +50,8 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 @dataclass(frozen=True)
 class AppliedLayer:
     """What applying a layer learned: its DiffID, the digest of the bytes as given, their
-    compression ("gzip", "zstd" or "" for a plain tar), the blob written to `blob_out` (if any)
-    and the apparent size of the files extracted."""
+    compression ("gzip", "zstd" or "" for a plain tar), the blob written to `blob_out` (if any),
+    the apparent size of the files extracted and the length of the uncompressed tar."""
 
     diff_id: str
     source_digest: str
@@ -59,6 +59,7 @@ class AppliedLayer:
     blob_digest: str | None
     blob_size: int
     size: int
+    tar_size: int
 
 
 def compression_of(head: bytes) -> str:
@@ -295,6 +296,7 @@ def apply_layer(
         blob_digest=blob_writer.digest() if blob_writer else None,
         blob_size=blob_writer.size if blob_writer else 0,
         size=ex.size,
+        tar_size=diff.size,
     )
 
 

@@ -33,12 +33,16 @@ def verify_bytes(data: bytes, expected: str, what: str) -> bytes:
     return data
 
 
-def chain_ids(diff_ids: Iterable[str]) -> list[str]:
+def chain_id(parent: str | None, diff_id: str) -> str:
     """ChainID(L0) = DiffID(L0); ChainID(L0..n) = sha256(ChainID(L0..n-1) + " " + DiffID(n))."""
+    check_digest(diff_id)
+    return diff_id if parent is None else sha256_bytes(f"{parent} {diff_id}".encode())
+
+
+def chain_ids(diff_ids: Iterable[str]) -> list[str]:
     out: list[str] = []
     for diff_id in diff_ids:
-        check_digest(diff_id)
-        out.append(diff_id if not out else sha256_bytes(f"{out[-1]} {diff_id}".encode()))
+        out.append(chain_id(out[-1] if out else None, diff_id))
     return out
 
 
