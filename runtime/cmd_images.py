@@ -39,6 +39,11 @@ def _ago(created: str) -> str:
     return "Less than a minute ago"
 
 
+def _progress(label: str, total: int | None = None) -> Progress:
+    # sys.stderr looked up now, not when output.py was imported (it may have been replaced since).
+    return Progress(label, total, sys.stderr)
+
+
 def _short(image_id: str) -> str:
     return image_id.split(":", 1)[1][:12]
 
@@ -54,7 +59,7 @@ def _split_tag(tag: str) -> tuple[str, str]:
 def cmd_import(args: argparse.Namespace) -> int:
     src = Path(args.source)
     total = src.stat().st_size if src.is_file() else None
-    with Progress(f"importing {src.name}", total) as bar:
+    with _progress(f"importing {src.name}", total) as bar:
         image_id = _store(args).import_rootfs(src, args.reference, progress=bar.advance)
     print(image_id)
     return 0
@@ -184,7 +189,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def _load(store: Store, path: Path) -> int:
-    with Progress(f"loading {path.name}") as bar:
+    with _progress(f"loading {path.name}") as bar:
         loaded = image_formats.load(store, path, progress=bar.advance)
     for image_id, tags in loaded:
         for t in tags:
@@ -211,7 +216,7 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def _transfer_progress(label: str) -> tuple[Progress, Callable[[int, int], None]]:
-    bar = Progress(label)
+    bar = _progress(label)
 
     def report(done: int, total: int) -> None:
         bar.total = total or None
@@ -258,7 +263,7 @@ def cmd_df(args: argparse.Namespace) -> int:
 
 def cmd_dedup(args: argparse.Namespace) -> int:
     store = _store(args)
-    with Progress("deduplicating") as bar:
+    with _progress("deduplicating") as bar:
         result = dedup.deduplicate(store, progress=bar.advance)
     print(f"linked {result.files_linked} files, saved {human_size(result.bytes_saved)}")
     return 0

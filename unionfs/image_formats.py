@@ -157,7 +157,7 @@ def _load_docker(store: Store, bundle: _Bundle, progress: Progress | None) -> li
         for name in entry["Layers"]:
             digest = f"sha256:{os.path.basename(name)}" if name.startswith("blobs/sha256/") else None
             sources.append(LayerSource(functools.partial(bundle.open, name), digest, bundle.size(name)))
-        tags = list(entry.get("RepoTags") or [])
+        tags = [str(reference.parse(t)) for t in entry.get("RepoTags") or []]
         loaded.append((store.add_image(config, sources, tags, progress=progress), tags))
     return loaded
 

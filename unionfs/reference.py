@@ -67,4 +67,14 @@ def parse(ref: str) -> Reference:
         raise StrataError(f"invalid reference {ref!r}: want lowercase [a-z0-9._-] components joined by '/'")
     if tag is None and digest is None:
         tag = DEFAULT_TAG
-    return Reference(name, tag, digest)
+    return Reference(_familiar(name), tag, digest)
+
+
+def _familiar(name: str) -> str:
+    """docker's short form: `docker.io/library/busybox` is `busybox`, as `docker images` shows it."""
+    for hub in ("docker.io/", "index.docker.io/"):
+        if name.startswith(hub):
+            name = name[len(hub) :]
+            if name.startswith("library/") and name.count("/") == 1:
+                name = name[len("library/") :]
+    return name
