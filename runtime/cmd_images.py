@@ -84,12 +84,13 @@ def cmd_images(args: argparse.Namespace) -> int:
         for image_id in dict.fromkeys(_short(r["ID"]) for r in rows):
             print(image_id)
     elif args.format == "json":
-        print_json(rows)
+        print_json(rows, sys.stdout)
     else:
         print_table(
             ["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"],
             [[r["Repository"], r["Tag"], _short(r["ID"]), _ago(r["Created"]), human_size(r["Size"])]
              for r in rows],
+            sys.stdout,
         )
     return 0
 
@@ -134,7 +135,7 @@ def inspect_data(store: Store, img: Image) -> dict[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     store = _store(args)
-    print_json([inspect_data(store, store.image(store.resolve(ref))) for ref in args.images])
+    print_json([inspect_data(store, store.image(store.resolve(ref))) for ref in args.images], sys.stdout)
     return 0
 
 
@@ -159,7 +160,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     store = _store(args)
     rows = history_rows(store.image(store.resolve(args.image)))
     if args.format == "json":
-        print_json(rows)
+        print_json(rows, sys.stdout)
         return 0
 
     def trunc(s: str) -> str:
@@ -169,6 +170,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         ["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"],
         [[_short(r["ID"]) if r["ID"] != "<missing>" else r["ID"], _ago(r["Created"]), trunc(r["CreatedBy"]),
           human_size(r["Size"]), r["Comment"]] for r in rows],
+        sys.stdout,
     )
     return 0
 
@@ -247,7 +249,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_df(args: argparse.Namespace) -> int:
     usage = dedup.disk_usage(_store(args))
     if args.format == "json":
-        print_json(usage)
+        print_json(usage, sys.stdout)
         return 0
     print_table(
         ["TYPE", "TOTAL", "SIZE", "ON DISK", "DEDUP SAVED"],
@@ -257,6 +259,7 @@ def cmd_df(args: argparse.Namespace) -> int:
              human_size(usage["dedup_saved"])],
             ["Blobs", usage["blobs"], human_size(usage["blobs_size"]), human_size(usage["blobs_size"]), ""],
         ],
+        sys.stdout,
     )
     return 0
 
