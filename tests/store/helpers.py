@@ -97,6 +97,10 @@ def overlay(
 ) -> Iterator[Path]:
     """A kernel overlayfs mount, the reference for what a stack of layers means."""
     mnt.mkdir(parents=True, exist_ok=True)
+    if len(lowers) == 1 and upper is None:  # a read-only overlay needs two lowers
+        empty = mnt.with_name(mnt.name + ".empty")
+        empty.mkdir(exist_ok=True)
+        lowers = [*lowers, empty]
     opts = "lowerdir=" + ":".join(str(p) for p in lowers)
     if upper is not None and work is not None:
         upper.mkdir(parents=True, exist_ok=True)
