@@ -48,7 +48,8 @@ def test_docker_to_strata_to_docker(store: Store, strata: Callable[..., Any], tm
         extra_dirs=["data/sub", "replace-me"],
         files=[("data/a", b"A"), ("data/sub/b", b"B"), ("replace-me/x", b"x"), ("etc/file-to-dir", b"f")],
     )
-    archive, exported, back = tmp_path / "docker-save.tar", tmp_path / "export.tar", tmp_path / "strata-save.tar"
+    archive, exported = tmp_path / "docker-save.tar", tmp_path / "export.tar"
+    back = tmp_path / "strata-save.tar"
     with running_dockerd() as d:
         d.docker("import", str(rootfs), "rt:base")
         d.docker("run", "--name", "c1", "rt:base", "sh", "-c", LAYER2)
