@@ -16,6 +16,7 @@ _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]+)?"
 _NAME_RE = re.compile(rf"^(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HOLDER_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
 DEFAULT_TAG = "latest"
 DOCKER_HUB = "registry-1.docker.io"
@@ -78,3 +79,8 @@ def _familiar(name: str) -> str:
             if name.startswith("library/") and name.count("/") == 1:
                 name = name[len("library/") :]
     return name
+
+
+def valid_holder(name: str) -> bool:
+    """Names of image holds (container ids/names, docker's rule): safe as file names."""
+    return bool(_HOLDER_RE.match(name))

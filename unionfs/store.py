@@ -139,8 +139,9 @@ class Store:
         self.blobs_dir = self.root / "blobs" / "sha256"
         self.images_dir = self.root / "images" / "sha256"
         self.tmp_dir = self.root / "tmp"
+        self.holds_dir = self.root / "holds"
         self.repositories_file = self.root / "repositories.json"
-        for d in (self.layers_dir, self.blobs_dir, self.images_dir, self.tmp_dir):
+        for d in (self.layers_dir, self.blobs_dir, self.images_dir, self.tmp_dir, self.holds_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     # --- locking and staging -------------------------------------------------------------
@@ -349,7 +350,7 @@ class Store:
         self._save_repositories(repos)
         for old in previous:
             assert old is not None
-            if old not in repos.values():
+            if old not in repos.values() and not self.holders(old):
                 (self.images_dir / f"{_hex(old)}.json").unlink(missing_ok=True)  # dangling, docker keeps it
                 self._collect_garbage()
 
@@ -427,7 +428,8 @@ class Store:
 
     def remove(self, ref: str, *, force: bool = False) -> list[str]:
         """docker rmi: `name:tag` drops that tag and the image with its last tag; an id removes
-        the image (all tags only with force). Returns docker-style "Untagged:/Deleted:" lines."""
+        the image (all tags only with force). A held image is refused (force: untagged only,
+        freed at its last release). Returns docker-style "Untagged:/Deleted:" lines."""
         out: list[str] = []
         with self.locked():
             image_id = self.resolve(ref)
@@ -442,15 +444,52 @@ class Store:
                     f"image {image_id[7:19]} is referenced by {len(tags)} tags ({', '.join(sorted(tags))}): "
                     "remove them by name or use --force"
                 )
+            users = self.holders(image_id)
+            if users and not (force and tags):
+                raise StrataError(
+                    f"image {image_id[7:19]} is in use by {', '.join(users)}: remove those first"
+                    + ("" if force else " (--force only untags it)")
+                )
             for t in tags:
                 del repos[t]
                 out.append(f"Untagged: {t}")
             self._save_repositories(repos)
-            if image_id not in repos.values():
+            if image_id not in repos.values() and not users:
                 (self.images_dir / f"{_hex(image_id)}.json").unlink()
                 out.append(f"Deleted: {image_id}")
                 out += [f"Deleted: {c}" for c in self._collect_garbage()]
         return out
+
+    # --- holds: users of an image's layers (containers) ----------------------------------
+
+    def _hold_path(self, holder: str) -> Path:
+        if not reference.valid_holder(holder):
+            raise StrataError(f"invalid holder name {holder!r}")
+        return self.holds_dir / holder
+
+    def hold(self, holder: str, ref: str) -> str:
+        """Pin an image for something mounting its layers (a container, by id): rmi will not
+        delete it, and its layers stay, until `release(holder)`. Returns the image id."""
+        with self.locked():
+            image_id = self.resolve(ref)
+            _write_atomic(self._hold_path(holder), image_id.encode())
+        return image_id
+
+    def release(self, holder: str) -> None:
+        """Drop a hold; an image left untagged and unheld is freed with its unused layers."""
+        with self.locked():
+            path = self._hold_path(holder)
+            try:
+                image_id = path.read_text()
+            except FileNotFoundError:
+                return
+            path.unlink()
+            if image_id not in self._repositories().values() and not self.holders(image_id):
+                (self.images_dir / f"{_hex(image_id)}.json").unlink(missing_ok=True)
+                self._collect_garbage()
+
+    def holders(self, image_id: str) -> list[str]:
+        return sorted(p.name for p in self.holds_dir.iterdir() if p.read_text() == image_id)
 
     def _collect_garbage(self) -> list[str]:
         """Free every layer and blob no remaining image reaches; returns the freed ChainIDs."""

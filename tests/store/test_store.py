@@ -162,3 +162,17 @@ def test_cli_import_images_tag_inspect_history_rmi(
     assert "Untagged: fromtar:latest" in out and f"Deleted: {dir_id}" in out
     assert strata("images", "-q").out == ""
     assert _contents(store) == (0, 0, 0)
+
+
+def test_held_image_survives_rmi_until_released(store: Store) -> None:
+    image_id = store.add_image(_config(BASE), [_source(BASE)], ["busy"])
+    assert store.hold("container-1", "busy") == image_id
+    with pytest.raises(StrataError, match="in use by container-1"):
+        store.remove("busy")
+    assert store.remove("busy", force=True) == ["Untagged: busy:latest"]
+    assert store.image(image_id).tags == [] and _contents(store) == (1, 2, 1)
+    with pytest.raises(StrataError, match="invalid holder"):
+        store.hold("../escape", image_id)
+    store.release("container-1")
+    assert _contents(store) == (0, 0, 0)
+    store.release("container-1")  # twice is fine
