@@ -23,6 +23,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -348,76 +349,165 @@ def _marker(name: str, st: os.stat_result) -> tarfile.TarInfo:
     return info
 
 
-def produce_layer(upper: Path, out: BinaryIO) -> str:
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+class _Producer:
+    """Writes the entries of an upper dir, and, below a directory the kernel renamed
+    (`redirect_dir=on`), the full merged content that directory shows."""
+
+    def __init__(self, tar: tarfile.TarFile, lowers: Sequence[Path]) -> None:
+        self.tar = tar
+        self.lowers = [str(p) for p in lowers]
+        self.seen_inodes: dict[tuple[int, int], str] = {}
+
+    def _info(self, rel: str, path: str, st: os.stat_result) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(rel)
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        info.uname = info.gname = ""
+        info.mtime = int(st.st_mtime)
+        info.pax_headers = {
+            _XATTR_PAX + name: value.decode("utf-8", "surrogateescape")
+            for name, value in _xattrs(path).items()
+            if not name.startswith(_PRIVATE_XATTR_PREFIXES)
+        }
+        return info
+
+    def _non_dir(self, rel: str, path: str, st: os.stat_result) -> None:
+        info = self._info(rel, path, st)
+        mode = st.st_mode
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in self.seen_inodes:
+            info.type, info.linkname = tarfile.LNKTYPE, self.seen_inodes[key]
+            self.tar.addfile(info)
+            return
+        self.seen_inodes[key] = rel
+        if stat.S_ISREG(mode):
+            info.size = st.st_size
+            with open(path, "rb") as f:
+                self.tar.addfile(info, f)
+            return
+        if stat.S_ISLNK(mode):
+            info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+        elif stat.S_ISFIFO(mode):
+            info.type = tarfile.FIFOTYPE
+        else:
+            info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        self.tar.addfile(info)
+
+    def _dir(self, rel: str, path: str, st: os.stat_result, opaque: bool) -> None:
+        info = self._info(rel + "/", path, st)
+        info.type = tarfile.DIRTYPE
+        self.tar.addfile(info)
+        if opaque:
+            self.tar.addfile(_marker(f"{rel}/{OPAQUE_MARKER}", st))
+
+    def _lower_dirs(self, lower_rel: str) -> list[str]:
+        """The lower dirs, top first, whose entries show at lower_rel in the lower stack."""
+        parts = [p for p in lower_rel.split("/") if p]
+        out: list[str] = []
+        for layer in self.lowers:
+            path, cut = layer, False
+            for i, part in enumerate(parts):
+                if os.path.lexists(os.path.join(path, WHITEOUT_PREFIX + part)):
+                    return out
+                path = os.path.join(path, part)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    path = ""
+                    break
+                if not stat.S_ISDIR(st.st_mode):
+                    return out  # a whiteout or a file hides everything below it
+                cut = cut or (i < len(parts) - 1 and is_opaque(path))
+            if path:
+                out.append(path)
+                if is_opaque(path):
+                    return out
+            if cut:
+                return out
+        return out
+
+    def _lower_children(self, lower_rel: str) -> dict[str, str]:
+        found: dict[str, str] = {}
+        hidden: set[str] = set()
+        for d in self._lower_dirs(lower_rel):
+            for name in os.listdir(d):
+                if name == OPAQUE_MARKER or name in found or name in hidden:
+                    continue
+                if name.startswith(WHITEOUT_PREFIX):
+                    hidden.add(name[len(WHITEOUT_PREFIX) :])
+                    continue
+                if _is_whiteout(os.lstat(os.path.join(d, name))):
+                    hidden.add(name)
+                else:
+                    found[name] = os.path.join(d, name)
+        return {k: v for k, v in found.items() if k not in hidden}
+
+    def walk(self, rel_dir: str, upper_dir: str | None, lower_rel: str, merged: bool) -> None:
+        """Entries of one directory. Not merged: the upper's own entries, markers as OCI
+        whiteouts. Merged (inside a renamed dir, emitted opaque): everything the directory
+        shows, upper entries over those of the lower dir at lower_rel."""
+        upper = sorted(os.listdir(upper_dir)) if upper_dir else []
+        lower = self._lower_children(lower_rel) if merged else {}
+        hidden = {n[len(WHITEOUT_PREFIX) :] for n in upper if merged and n.startswith(WHITEOUT_PREFIX)}
+        for name in sorted(set(upper) | set(lower)):
+            if name == OPAQUE_MARKER or name in hidden:
+                continue
+            rel, child_lower = f"{rel_dir}{name}", f"{lower_rel}/{name}"
+            if name not in upper or upper_dir is None:
+                self._whole(rel, lower[name], child_lower)
+                continue
+            path = os.path.join(upper_dir, name)
+            st = os.lstat(path)
+            if _is_whiteout(st) or (merged and name.startswith(WHITEOUT_PREFIX)):
+                if not merged:
+                    self.tar.addfile(_marker(f"{rel_dir}{WHITEOUT_PREFIX}{name}", st))
+                continue
+            if stat.S_ISSOCK(st.st_mode):
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                self._non_dir(rel, path, st)
+                continue
+            xa = _xattrs(path)
+            redirect = next((xa[n] for n in _REDIRECT_XATTRS if n in xa), None)
+            opaque = is_opaque(path, xa)
+            if redirect is not None and not opaque:
+                if not self.lowers:
+                    raise StrataError(f"cannot make a layer of {rel}: a renamed lower dir (give its lowers)")
+                # Absolute: from the root of the stack; relative: a sibling in the lower parent.
+                target = os.fsdecode(redirect)
+                origin = target if target.startswith("/") else f"{lower_rel}/{target}"
+                self._dir(rel, path, st, opaque=True)
+                self.walk(rel + "/", path, origin.strip("/"), merged=True)
+            else:
+                self._dir(rel, path, st, opaque=opaque and not merged)
+                self.walk(rel + "/", path, child_lower.strip("/"), merged=merged and not opaque)
+
+    def _whole(self, rel: str, path: str, lower_rel: str) -> None:
+        """A lower entry inside a renamed dir: written out with everything it shows."""
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode):
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            self._non_dir(rel, path, st)
+            return
+        self._dir(rel, path, st, opaque=False)
+        self.walk(rel + "/", None, lower_rel.strip("/"), merged=True)
+
+
+def produce_layer(upper: Path, out: BinaryIO, lowers: Sequence[Path] = ()) -> str:
     """Write the OCI layer tar of an overlay upper dir to `out`; return its DiffID.
 
     Whiteout devices become `.wh.NAME`, opaque dirs get a `.wh..wh..opq` entry, hard links
-    inside the upper stay links. Entries are sorted and owner names left out, so the same
-    upper always gives the same tar (and DiffID). Sockets are skipped, as docker does."""
+    inside the upper stay links. A directory the kernel renamed (a redirect xattr) is written
+    opaque with its whole merged content, read through `lowers` (top first, as `lowerdir`).
+    Entries are sorted and owner names left out, so the same upper always gives the same tar
+    (and DiffID). Sockets are skipped, as docker does."""
     writer = DigestingWriter(out)
-    seen_inodes: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-
-        def entry(rel: str, path: str, st: os.stat_result) -> tarfile.TarInfo:
-            info = tarfile.TarInfo(rel)
-            info.mode = stat.S_IMODE(st.st_mode)
-            info.uid, info.gid = st.st_uid, st.st_gid
-            info.uname = info.gname = ""
-            info.mtime = int(st.st_mtime)
-            info.pax_headers = {
-                _XATTR_PAX + name: value.decode("utf-8", "surrogateescape")
-                for name, value in _xattrs(path).items()
-                if not name.startswith(_PRIVATE_XATTR_PREFIXES)
-            }
-            return info
-
-        def walk(rel_dir: str, dir_path: str) -> None:
-            for name in sorted(os.listdir(dir_path)):
-                if name == OPAQUE_MARKER:
-                    continue
-                path = os.path.join(dir_path, name)
-                rel = f"{rel_dir}{name}"
-                st = os.lstat(path)
-                mode = st.st_mode
-                if stat.S_ISCHR(mode) and st.st_rdev == 0:
-                    tar.addfile(_marker(f"{rel_dir}{WHITEOUT_PREFIX}{name}", st))
-                    continue
-                if stat.S_ISSOCK(mode):
-                    continue
-                if stat.S_ISDIR(mode):
-                    xa = _xattrs(path)
-                    redirect = next((n for n in _REDIRECT_XATTRS if n in xa), None)
-                    if redirect:
-                        raise StrataError(
-                            f"cannot make a layer of {rel}: it is a renamed lower directory ({redirect})"
-                        )
-                    info = entry(rel + "/", path, st)
-                    info.type = tarfile.DIRTYPE
-                    tar.addfile(info)
-                    if is_opaque(path, xa):
-                        tar.addfile(_marker(f"{rel}/{OPAQUE_MARKER}", st))
-                    walk(rel + "/", path)
-                    continue
-                info = entry(rel, path, st)
-                key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and not stat.S_ISDIR(mode) and key in seen_inodes:
-                    info.type, info.linkname = tarfile.LNKTYPE, seen_inodes[key]
-                    tar.addfile(info)
-                    continue
-                seen_inodes[key] = rel
-                if stat.S_ISREG(mode):
-                    info.size = st.st_size
-                    with open(path, "rb") as f:
-                        tar.addfile(info, f)
-                    continue
-                if stat.S_ISLNK(mode):
-                    info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
-                elif stat.S_ISFIFO(mode):
-                    info.type = tarfile.FIFOTYPE
-                else:
-                    info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
-                    info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-                tar.addfile(info)
-
-        walk("", str(upper))
+        _Producer(tar, lowers).walk("", str(upper), "", merged=False)
     return writer.digest()

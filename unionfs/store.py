@@ -406,7 +406,7 @@ class Store:
             base = self.image(parent_image) if parent_image else None
             tar_path = stage / "layer.tar"
             with open(tar_path, "wb") as out:
-                produce_layer(upper, out)
+                produce_layer(upper, out, [x.diff for x in reversed(base.layers)] if base else [])
             parent = base.layers[-1].chain_id if base and base.layers else None
             layer = self.add_layer(parent, LayerSource.from_file(tar_path))
             diff_ids = [x.diff_id for x in base.layers] if base else []

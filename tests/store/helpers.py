@@ -93,7 +93,7 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
 
 @contextlib.contextmanager
 def overlay(
-    mnt: Path, lowers: list[Path], upper: Path | None = None, work: Path | None = None
+    mnt: Path, lowers: list[Path], upper: Path | None = None, work: Path | None = None, extra: str = ""
 ) -> Iterator[Path]:
     """A kernel overlayfs mount, the reference for what a stack of layers means."""
     mnt.mkdir(parents=True, exist_ok=True)
@@ -106,6 +106,8 @@ def overlay(
         upper.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         opts += f",upperdir={upper},workdir={work}"
+    if extra:
+        opts += "," + extra
     kernel.mount("overlay", mnt, "overlay", 0, opts)
     try:
         yield mnt

@@ -248,3 +248,34 @@ def test_produce_reads_oci_markers_in_upper(tmp_path: Path) -> None:
     apply_layer(io.BytesIO(out.getvalue()), tmp_path / "l")
     assert os.getxattr(tmp_path / "l" / "d", OPAQUE_XATTR) == b"y"
     assert is_whiteout(tmp_path / "l" / "x")
+
+
+def test_renamed_lower_dirs_redirect_dir_on(tmp_path: Path) -> None:
+    """The kernel with redirect_dir=on renames lower dirs by a redirect xattr; the layer
+    must carry the renamed dir's whole content (read through the lowers)."""
+    b = TarBuilder().dir("a").file("a/keep", b"k").file("a/drop", b"d").dir("a/sub").file("a/sub/deep", b"x")
+    b.dir("a/sub/inner").file("a/sub/inner/f", b"f").dir("other").file("other/o", b"o")
+    lower_top = TarBuilder().dir("a").file("a/from-top", b"t").file("a/sub/.wh.gone", b"").bytes()
+    apply_bytes(b.file("a/sub/gone", b"g").bytes(), tmp_path / "base")
+    apply_bytes(lower_top, tmp_path / "top")
+    lowers = [tmp_path / "top", tmp_path / "base"]
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    with overlay(tmp_path / "m", lowers, upper, work, "redirect_dir=on") as m:
+        os.rename(m / "a", m / "renamed")  # relative redirect
+        (m / "renamed" / "added").write_bytes(b"+")
+        os.unlink(m / "renamed" / "drop")
+        (m / "x").mkdir()
+        os.rename(m / "renamed" / "sub", m / "x" / "moved")  # absolute redirect
+        os.rename(m / "other", m / "x" / "other2")
+        reference = snapshot(m)
+    assert "renamed/sub" not in reference and "x/moved/inner/f" in reference
+    assert "x/moved/gone" not in reference and "renamed/from-top" in reference
+    assert any(n.startswith("trusted.overlay.redirect") for n in os.listxattr(upper / "renamed"))
+
+    with pytest.raises(StrataError, match="renamed lower dir"):
+        produce_layer(upper, io.BytesIO())
+    out = io.BytesIO()
+    produce_layer(upper, out, lowers)
+    apply_layer(io.BytesIO(out.getvalue()), tmp_path / "layer")
+    with overlay(tmp_path / "m2", [tmp_path / "layer", *lowers]) as m:
+        assert snapshot(m) == reference
