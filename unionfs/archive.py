@@ -130,6 +130,7 @@ class _Extractor:
             return
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(self.path(parts))
+            self.opaque = {o for o in self.opaque if o[: len(parts)] != parts}
         else:
             os.unlink(self.path(parts))
 

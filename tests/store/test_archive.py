@@ -55,7 +55,8 @@ def test_whiteouts_become_char_devices_and_dir_over_whiteout_is_opaque(tmp_path:
 def test_dir_over_dir_keeps_children_anything_else_replaces(tmp_path: Path) -> None:
     tar = (
         TarBuilder().dir("d", mode=0o700).file("d/child").dir("d", mode=0o751)
-        .dir("r").file("r/x").file("r", b"now a file").file("s", b"old").symlink("s", "elsewhere").bytes()
+        .dir("r").file("r/x").file("r", b"now a file").file("s", b"old").symlink("s", "elsewhere")
+        .dir("o").file("o/.wh..wh..opq", b"").file("o", b"opaque dir replaced").bytes()
     )
     apply_bytes(tar, tmp_path / "l")
     root = tmp_path / "l"
@@ -63,6 +64,7 @@ def test_dir_over_dir_keeps_children_anything_else_replaces(tmp_path: Path) -> N
     assert stat.S_IMODE(os.lstat(root / "d").st_mode) == 0o751
     assert (root / "r").read_bytes() == b"now a file"
     assert os.readlink(root / "s") == "elsewhere"
+    assert (root / "o").read_bytes() == b"opaque dir replaced"
 
 
 def test_metadata_links_devices_xattrs_kept(tmp_path: Path) -> None:
