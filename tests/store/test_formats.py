@@ -7,8 +7,8 @@ import gzip
 import io
 import json
 import os
-import shutil
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -202,11 +202,66 @@ def test_pull_refuses_a_blob_the_registry_corrupted(
     client.push(store, name, insecure=True)
     top = store.image(sample).layers[-1].blob_digest[7:]
     data = registry.storage / "docker/registry/v2/blobs/sha256" / top[:2] / top / "data"
-    blob = bytearray(data.read_bytes())
+    good = data.read_bytes()
+    blob = bytearray(good)
     blob[len(blob) // 2] ^= 0xFF
     data.write_bytes(bytes(blob))
-    with pytest.raises(StrataError, match="digest mismatch"):
-        client.pull(fresh, name, insecure=True)
+    try:
+        with pytest.raises(StrataError, match="digest mismatch"):
+            client.pull(fresh, name, insecure=True)
+    finally:
+        data.write_bytes(good)  # the registry's blob store is shared by the module's tests
     assert fresh.images() == [] and os.listdir(fresh.layers_dir) == []
     assert [p.name for p in fresh.tmp_dir.iterdir()] == []
-    shutil.rmtree(registry.storage / "docker/registry/v2/repositories/strata/corrupt")
+
+
+def _multi_arch_layout(store: Store, sample: str, dest: Path) -> str:
+    """An OCI layout whose only entry is an image index: an arm64 variant and this host's."""
+    config = store.image(sample).config
+    arm = dict(config, architecture="arm64")
+    layers = store.image(sample).layers
+    sources = [LayerSource.from_file(store.blob_path(x.blob_digest), x.blob_digest) for x in layers]
+    arm_id = store.add_image(json.dumps(arm).encode(), sources, ["sample:arm64"])
+    image_formats.save_oci_layout(store, ["sample:arm64", "sample:v1"], dest)
+    index = json.loads((dest / "index.json").read_text())
+    manifests = []
+    for desc, arch in zip(index["manifests"], ["arm64", "amd64"], strict=True):
+        manifests.append({k: desc[k] for k in ("mediaType", "digest", "size")}
+                         | {"platform": {"os": "linux", "architecture": arch}})
+    doc = {"schemaVersion": 2, "mediaType": image_formats.OCI_INDEX, "manifests": manifests}
+    nested = json.dumps(doc).encode()
+    (dest / "blobs" / "sha256" / sha256_bytes(nested)[7:]).write_bytes(nested)
+    index["manifests"] = [{"mediaType": image_formats.OCI_INDEX, "digest": sha256_bytes(nested),
+                           "size": len(nested), "annotations": {image_formats.REF_NAME: "multi"}}]
+    (dest / "index.json").write_text(json.dumps(index))
+    return arm_id
+
+
+def test_image_indexes_pick_this_platform(
+    store: Store, sample: str, fresh: Store, registry: Registry, tmp_path: Path
+) -> None:
+    layout = tmp_path / "multi"
+    arm_id = _multi_arch_layout(store, sample, layout)
+    assert arm_id != sample
+    assert image_formats.load(fresh, layout) == [(sample, [])]
+    name = f"{registry.host}/multi/arch:v1"
+    skopeo("copy", "--all", "--dest-tls-verify=false", f"oci:{layout}:multi", f"docker://{name}")
+    fresh.remove(sample)
+    assert client.pull(fresh, name, insecure=True) == sample
+
+
+def test_cli_load_from_stdin_and_save_to_stdout(store: Store, sample: str, tmp_path: Path) -> None:
+    strata_bin = str(Path(sys.executable).with_name("strata"))
+    archive = tmp_path / "out.tar"
+    with open(archive, "wb") as f:
+        subprocess.run([strata_bin, "--root", str(store.root), "save", "sample:v1"], stdout=f, check=True)
+    other = tmp_path / "other-root"
+    with open(archive, "rb") as f:
+        proc = subprocess.run([strata_bin, "--root", str(other), "load"], stdin=f, capture_output=True,
+                              text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "Loaded image: sample:v1\n"
+    assert Store(other).resolve("sample:v1") == sample
+    proc = subprocess.run([strata_bin, "--root", str(other), "load", "-i", str(tmp_path / "nothing")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith("strata: ") and proc.stderr.count("\n") == 1
