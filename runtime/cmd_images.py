@@ -127,7 +127,7 @@ def inspect_data(store: Store, img: Image) -> dict[str, Any]:
         "RootFS": {"Type": "layers", "Layers": [layer.diff_id for layer in img.layers]},
         "GraphDriver": {
             "Name": "strata-unionfs",
-            "Data": {"LowerDir": ":".join(str(layer.diff) for layer in reversed(img.layers))},
+            "Data": {"LowerDir": ":".join(str(d) for d in img.lowerdirs)},
         },
         "Metadata": {"ChainIDs": [layer.chain_id for layer in img.layers]},
     }

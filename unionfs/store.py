@@ -97,6 +97,11 @@ class Image:
     def created(self) -> str:
         return str(self.config.get("created", ""))
 
+    @property
+    def lowerdirs(self) -> list[Path]:
+        """The layer trees top first, as overlay's (and strata-unionfs's) `lowerdir=` lists them."""
+        return [layer.diff for layer in reversed(self.layers)]
+
 
 def _hex(digest: str) -> str:
     return check_digest(digest).split(":", 1)[1]
@@ -406,7 +411,7 @@ class Store:
             base = self.image(parent_image) if parent_image else None
             tar_path = stage / "layer.tar"
             with open(tar_path, "wb") as out:
-                produce_layer(upper, out, [x.diff for x in reversed(base.layers)] if base else [])
+                produce_layer(upper, out, base.lowerdirs if base else [])
             parent = base.layers[-1].chain_id if base and base.layers else None
             layer = self.add_layer(parent, LayerSource.from_file(tar_path))
             diff_ids = [x.diff_id for x in base.layers] if base else []

@@ -33,7 +33,7 @@ def _views(store: Store, tmp_path: Path) -> dict[str, dict[str, tuple[Any, ...]]
     """Each image's merged view, link counts left out (sharing an inode is the point)."""
     out = {}
     for img in store.images():
-        with overlay(tmp_path / "m", [x.diff for x in reversed(img.layers)]) as m:
+        with overlay(tmp_path / "m", img.lowerdirs) as m:
             out[img.id] = {k: v[:-1] for k, v in snapshot(m).items()}
     return out
 

@@ -70,7 +70,7 @@ def test_docker_to_strata_to_docker(store: Store, strata: Callable[..., Any], tm
             apply_layer(f, tmp_path / "exported")
         expected = _image_view(snapshot(tmp_path / "exported"))
         assert "data/a" not in expected and "hello-link" not in expected and "null2" in expected
-        lowers = [x.diff for x in reversed(img.layers)]
+        lowers = img.lowerdirs
         with mounted("strata", lowers, None, None, tmp_path / "mnt") as m:
             seen = _image_view(snapshot(m))
         differ = {k: (seen.get(k), expected.get(k)) for k in seen.keys() | expected.keys()

@@ -61,7 +61,7 @@ def sample(store: Store) -> str:
 
 
 def _view(store: Store, image_id: str, mnt: Path) -> dict[str, Any]:
-    with overlay(mnt, [x.diff for x in reversed(store.image(image_id).layers)]) as m:
+    with overlay(mnt, store.image(image_id).lowerdirs) as m:
         return snapshot(m)
 
 

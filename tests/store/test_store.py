@@ -55,9 +55,9 @@ def test_shared_layer_stored_once_and_rmi_frees_exactly_the_unused(store: Store)
     assert store.resolve("img1") == store.resolve("img1:latest") == store.resolve(id1[7:19]) == id1
 
     # The layers are lowerdirs: the kernel's merged view is the image.
-    with overlay(store.root.parent / "m", [x.diff for x in reversed(img2.layers)]) as m:
+    with overlay(store.root.parent / "m", img2.lowerdirs) as m:
         assert sorted(os.listdir(m)) == ["etc", "shared", "two"] and os.listdir(m / "etc") == []
-    with overlay(store.root.parent / "m", [x.diff for x in reversed(img1.layers)]) as m:
+    with overlay(store.root.parent / "m", img1.lowerdirs) as m:
         assert sorted(os.listdir(m)) == ["etc", "one"]
 
     removed = store.remove("img1")
@@ -113,7 +113,7 @@ def test_commit_of_an_upper_reapplies_to_the_merged_view(store: Store, tmp_path:
     img = store.image(new_id)
     assert len(img.layers) == 2 and img.layers[0].chain_id == store.image(base_id).layers[0].chain_id
     assert img.config["history"][-1]["created_by"] == "test commit"
-    with overlay(tmp_path / "m2", [x.diff for x in reversed(img.layers)]) as m:
+    with overlay(tmp_path / "m2", img.lowerdirs) as m:
         assert snapshot(m) == reference
 
 
