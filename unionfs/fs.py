@@ -540,8 +540,10 @@ class UnionFS(pyfuse3.Operations):
 
     # ---- directories ---------------------------------------------------------------------
 
-    async def opendir(self, inode: int, ctx: RequestContext) -> int:
-        return self._fh(DirHandle(self._node(inode)))
+    async def opendir(self, inode: int, ctx: RequestContext) -> FileInfo:
+        # Every change to a directory passes through the kernel, which drops its
+        # cached listing then: it may keep the listing as long as it likes.
+        return FileInfo(fh=self._fh(DirHandle(self._node(inode))), keep_cache=True, cache_readdir=True)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.handles.get(fh)
