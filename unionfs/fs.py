@@ -443,11 +443,13 @@ class UnionFS(pyfuse3.Operations):
                 raise FUSEError(errno.ENOTDIR)
             if not src.is_dir and dst.is_dir:
                 raise FUSEError(errno.EISDIR)
-            if dst.is_dir and self.stack.listing(join(new_parent.path, new), dst.layer == UPPER, dst.lowers):
-                raise FUSEError(errno.ENOTEMPTY)
         old_rel, new_rel = join(old_parent.path, old), join(new_parent.path, new)
         if src.is_dir and new_rel.startswith(old_rel + "/"):
             raise FUSEError(errno.EINVAL)
+        if src.is_dir and src.lowers and not self.opts.redirect_dir:
+            raise FUSEError(errno.EXDEV)  # the kernel's answer for a merged or lower dir
+        if dst is not None and dst.is_dir and self.stack.listing(new_rel, dst.layer == UPPER, dst.lowers):
+            raise FUSEError(errno.ENOTEMPTY)
         self._copy_up(old_parent)
         self._copy_up(new_parent)
         if src.is_dir and src.lowers:

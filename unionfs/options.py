@@ -54,7 +54,7 @@ _KERNEL_FLAGS = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec",
 _ACCEPTED_FLAGS = {"allow_other", "allow_root", "default_permissions", "noacl", "acl", "userxattr",
                    "auto_unmount", "nonempty", "defaults", "auto", "noauto", "user", "nouser", "users",
                    "_netdev", "nofail", "x-systemd.automount"}
-_ACCEPTED_VALUES = {"threaded", "xino", "redirect_dir", "index", "metacopy", "nfs_export", "context",
+_ACCEPTED_VALUES = {"threaded", "xino", "index", "metacopy", "nfs_export", "context",
                     "fscontext", "defcontext", "rootcontext", "max_read", "blksize", "plugins",
                     "max_idle_threads", "fsname", "subtype", "uid", "gid", "rootmode", "user_id",
                     "group_id", "x-systemd.requires", "x-systemd.after", "comment", "uuid", "volkey"}
@@ -75,6 +75,9 @@ class MountOptions:
     gidmapping: IdMapping | None = None
     static_nlink: bool = False
     xattrs: bool = True
+    # Kernel overlayfs's redirect_dir=on: a directory from a lower layer can be renamed.
+    # Any other value answers EXDEV there, as the kernel does without redirects.
+    redirect_dir: bool = True
     fsname: str = "strata-unionfs"
     kernel_flags: list[str] = field(default_factory=list)
 
@@ -175,6 +178,10 @@ def _apply(opts: MountOptions, item: str) -> None:
         opts.gidmapping = IdMapping.parse(key, value)
     elif key == "noxattrs":
         opts.xattrs = not _bool_value(key, value)
+    elif key == "redirect_dir":
+        if value not in ("on", "follow", "nofollow", "off"):
+            raise StrataError(f"redirect_dir={value}: expected on, follow, nofollow or off")
+        opts.redirect_dir = value == "on"
     elif key == "source":
         opts.fsname = value or opts.fsname
     elif key not in _ACCEPTED_VALUES:

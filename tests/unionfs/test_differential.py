@@ -101,9 +101,9 @@ OPS: list[tuple[str, Op]] = [
 ]
 
 
-def run_ops(mnt: Path) -> list[tuple[str, object]]:
+def run_ops(mnt: Path, ops: list[tuple[str, Op]] = OPS) -> list[tuple[str, object]]:
     results: list[tuple[str, object]] = []
-    for name, op in OPS:
+    for name, op in ops:
         try:
             op(mnt)
             results.append((name, "ok"))
@@ -174,3 +174,32 @@ def test_lower_dir_rename_works_where_kernel_says_exdev(
         after = snapshot(mnt)
     with mounted("kernel", lowers, upper, work, mnt):
         assert snapshot(mnt) == after, "the renamed tree must look the same through the kernel"
+
+
+# Directory renames that kernel overlayfs without redirects refuses (a lower or a merged
+# directory: EXDEV) or allows (a directory only in the upper), as unionmount-testsuite's
+# --xdev run checks them.
+XDEV_OPS: list[tuple[str, Op]] = [
+    ("rename lower empty dir", lambda m: os.rename(m / "emptyd", m / "emptyd2")),
+    ("move lower dir", lambda m: os.rename(m / "full", m / "dir/full")),
+    ("rename merged dir", lambda m: os.rename(m / "dir", m / "dir2")),
+    ("rename opaque dir", lambda m: os.rename(m / "odir", m / "odir2")),
+    ("make upper dir", lambda m: os.mkdir(m / "newdir")),
+    ("rename upper dir", lambda m: os.rename(m / "newdir", m / "newdir2")),
+    ("upper dir over lower empty dir", lambda m: os.rename(m / "newdir2", m / "emptyd")),
+    ("lower dir into itself", lambda m: os.rename(m / "full", m / "full/x")),
+    ("lower dir over non-empty", lambda m: os.rename(m / "dir", m / "full")),
+    ("upper dir over non-empty", lambda m: os.rename(m / "emptyd", m / "full")),
+    ("rename lower file", lambda m: os.rename(m / "dir/b.txt", m / "dir/c.txt")),
+]
+
+
+def test_redirect_dir_off_answers_exdev_as_the_kernel(
+        pair: dict[str, tuple[list[Path], Path, Path, Path]]) -> None:
+    seen = {}
+    for kind, (lowers, upper, work, mnt) in pair.items():
+        with mounted(kind, lowers, upper, work, mnt, extra="redirect_dir=off"):
+            seen[kind] = (run_ops(mnt, XDEV_OPS), snapshot(mnt))
+    assert seen["strata"][0] == seen["kernel"][0], "calls answered differently"
+    assert dict(seen["strata"][0])["rename lower empty dir"] == "EXDEV"
+    assert seen["strata"][1] == seen["kernel"][1], "merged trees differ"

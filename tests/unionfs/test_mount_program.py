@@ -34,6 +34,7 @@ def test_version() -> None:
     ("lowerdir={l},fsync=maybe", "fsync=maybe: expected 0 or 1"),
     ("lowerdir={l},upperdir={u},workdir={u}", "workdir and upperdir must be separate"),
     ("lowerdir={l}::{l}", "empty layer path"),
+    ("lowerdir={l},redirect_dir=maybe", "redirect_dir=maybe: expected on, follow, nofollow or off"),
 ])
 def test_bad_input_one_line_error_and_nothing_mounted(tmp_path: Path, opts: str, message: str) -> None:
     (lower,), upper, work, mnt = layer_dirs(tmp_path, 1)
