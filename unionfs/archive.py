@@ -19,10 +19,12 @@ import contextlib
 import gzip
 import io
 import os
+import queue
 import shutil
 import stat
 import tarfile
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,23 +267,29 @@ def apply_layer(
         head = source.read(4)
         compression = compression_of(head)
         blob_writer = DigestingWriter(blob_out) if blob_out is not None else None
-        gz = None
+        gz, pipe = None, None
         if blob_writer is not None and not compression:
-            gz = gzip.GzipFile(fileobj=blob_writer, mode="wb", mtime=0)
-        raw = DigestingReader(_Prefixed(head, source), blob_writer if compression else None)  # type: ignore[arg-type]
-        buffered = io.BufferedReader(raw, _CHUNK)
-        diff = DigestingReader(_decompressor(buffered, compression), gz)  # type: ignore[arg-type]
-        ex = _Extractor(tmp, allow_devices)
+            # Level 3: three times faster than 6 for 8% more bytes (import speed matters more).
+            gz = gzip.GzipFile(fileobj=blob_writer, mode="wb", compresslevel=3, mtime=0)
+            pipe = _BackgroundWriter(gz)  # type: ignore[arg-type]
         try:
-            with tarfile.open(fileobj=diff, mode="r|", errorlevel=2) as tar:  # type: ignore[call-overload]
-                for member in tar:
-                    ex.add(tar, member)
-            diff.drain()
-            buffered.read()  # bytes after the compressed stream still count for the digest
-        except (tarfile.TarError, EOFError, zstandard.ZstdError) as e:
-            raise StrataError(f"layer refused: not a valid layer tar: {e}") from None
-        except OSError as e:
-            raise StrataError(f"layer refused: {e}") from None
+            raw = DigestingReader(_Prefixed(head, source), blob_writer if compression else None)  # type: ignore[arg-type]
+            buffered = io.BufferedReader(raw, _CHUNK)
+            diff = DigestingReader(_decompressor(buffered, compression), pipe)  # type: ignore[arg-type]
+            ex = _Extractor(tmp, allow_devices)
+            try:
+                with tarfile.open(fileobj=diff, mode="r|", errorlevel=2) as tar:  # type: ignore[call-overload]
+                    for member in tar:
+                        ex.add(tar, member)
+                diff.drain()
+                buffered.read()  # bytes after the compressed stream still count for the digest
+            except (tarfile.TarError, EOFError, zstandard.ZstdError) as e:
+                raise StrataError(f"layer refused: not a valid layer tar: {e}") from None
+            except OSError as e:
+                raise StrataError(f"layer refused: {e}") from None
+        finally:
+            if pipe is not None:
+                pipe.close()
         ex.finish()
         diff_id = diff.verify(expected_diff_id, "layer (diff id)")
         source_digest = raw.verify(expected_digest, "layer blob")
@@ -300,6 +308,46 @@ def apply_layer(
         size=ex.size,
         tar_size=diff.size,
     )
+
+
+class _BackgroundWriter(io.RawIOBase):
+    """Hands writes to a worker thread, so compressing the kept blob (zlib drops the GIL)
+    runs beside extraction instead of after each chunk."""
+
+    def __init__(self, target: BinaryIO) -> None:
+        super().__init__()
+        self._target = target
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._target.write(chunk)
+                except BaseException as e:  # re-raised in the writing thread
+                    self._error = e
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if self._error is not None:
+            raise self._error
+        self._queue.put(bytes(data))
+        return len(data)
+
+    def close(self) -> None:
+        """Wait for every queued write; raise what the worker met."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        super().close()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 class _Prefixed(io.RawIOBase):
