@@ -45,6 +45,7 @@ _PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverla
 _REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
 _XATTR_PAX = "SCHILY.xattr."
 _CHUNK = 1 << 20
+_SPARSE_BLOCK = 64 << 10
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -201,8 +202,14 @@ class _Extractor:
         src = tar.extractfile(m)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as out:
-            if src is not None:
-                shutil.copyfileobj(src, out, _CHUNK)
+            # Runs of zeros become holes: a sparse file in the tar (say a 1 GB lastlog)
+            # stays sparse on disk.
+            while src is not None and (chunk := src.read(_SPARSE_BLOCK)):
+                if chunk.count(0) == len(chunk):
+                    out.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    out.write(chunk)
+            out.truncate()
         self.size += m.size
 
     def _hardlink(self, parts: tuple[str, ...], m: tarfile.TarInfo) -> None:
@@ -264,6 +271,7 @@ def apply_layer(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
+        os.chmod(tmp, 0o755)  # the root of every container built on it, unless the tar says otherwise
         head = source.read(4)
         compression = compression_of(head)
         blob_writer = DigestingWriter(blob_out) if blob_out is not None else None

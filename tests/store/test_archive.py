@@ -281,3 +281,14 @@ def test_renamed_lower_dirs_redirect_dir_on(tmp_path: Path) -> None:
     apply_layer(io.BytesIO(out.getvalue()), tmp_path / "layer")
     with overlay(tmp_path / "m2", [tmp_path / "layer", *lowers]) as m:
         assert snapshot(m) == reference
+
+
+def test_layer_root_is_0755_and_zero_runs_become_holes(tmp_path: Path) -> None:
+    data = bytearray(8 << 20)
+    data[5_000_000:5_000_005] = b"hello"
+    apply_bytes(TarBuilder().file("var/log/lastlog", bytes(data)).file("tail", b"x" + bytes(100_000)).bytes(),
+                tmp_path / "l")
+    assert stat.S_IMODE(os.lstat(tmp_path / "l").st_mode) == 0o755
+    f = tmp_path / "l" / "var" / "log" / "lastlog"
+    assert f.read_bytes() == data and os.lstat(f).st_blocks * 512 < (1 << 20)
+    assert (tmp_path / "l" / "tail").read_bytes() == b"x" + bytes(100_000)
