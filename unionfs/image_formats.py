@@ -328,8 +328,14 @@ def _tar_info(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.Ta
     return info
 
 
+def _check_parent(dest: Path) -> None:
+    if not dest.absolute().parent.is_dir():
+        raise StrataError(f"{dest.absolute().parent}: no such directory")
+
+
 def save_archive_file(store: Store, refs: Sequence[str], dest: Path, *, oci: bool = False) -> None:
     """save_archive to a file, written beside it and renamed in, so a failure leaves no torn archive."""
+    _check_parent(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -344,6 +350,7 @@ def save_oci_layout(store: Store, refs: Sequence[str], dest: Path) -> None:
     """An OCI image layout directory (skopeo's `oci:DIR:TAG`), built beside dest and renamed in."""
     if dest.exists():
         raise StrataError(f"{dest} already exists")
+    _check_parent(dest)
     images = _images(store, refs)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
