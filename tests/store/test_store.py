@@ -158,6 +158,10 @@ def test_cli_import_images_tag_inspect_history_rmi(
     assert bad.code == 1 and "no such file" in bad.err
     bad = strata("tag", "fromtar", "UPPER:case", check=False)
     assert bad.code == 1 and "invalid reference" in bad.err
+    bad = strata("save", "-o", str(tmp_path / "missing" / "x.tar"), "fromtar", check=False)
+    assert bad.code == 1 and bad.err == f"strata: {tmp_path / 'missing'}: no such directory\n"
+    bad = strata("history", "nosuchimage", check=False)
+    assert bad.code == 1 and bad.err == "strata: no such image: nosuchimage\n"
 
     out = strata("rmi", "-f", tar_id, "fromdir:1").out
     assert "Untagged: fromtar:latest" in out and f"Deleted: {dir_id}" in out
