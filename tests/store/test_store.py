@@ -181,3 +181,14 @@ def test_held_image_survives_rmi_until_released(store: Store) -> None:
     store.release("container-1")
     assert _contents(store) == (0, 0, 0)
     store.release("container-1")  # twice is fine
+
+
+def test_crash_leftovers_are_swept_by_the_next_writer(store: Store) -> None:
+    """A writer killed mid-import leaves only a staging dir, which the next writer removes;
+    a download dir of a pull still running (not under the lock) is left alone."""
+    (store.tmp_dir / "stage-killed" / "layer" / "diff").mkdir(parents=True)
+    (store.tmp_dir / "deleting-abc").mkdir()
+    (store.tmp_dir / "download-running").mkdir()
+    store.add_image(_config(BASE), [_source(BASE)], ["after-crash"])
+    assert sorted(p.name for p in store.tmp_dir.iterdir()) == ["download-running"]
+    assert store.image(store.resolve("after-crash")).layers[0].diff.is_dir()
