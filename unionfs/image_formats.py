@@ -31,7 +31,6 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
-_CHUNK = 1 << 20
 
 Progress = Callable[[int], None]
 
@@ -64,10 +63,12 @@ def pick_platform(index: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_manifest(data: bytes) -> dict[str, Any]:
+    """A schema 2 / OCI image manifest, its config and layer digests checked for form."""
     try:
         manifest = json.loads(data)
-        manifest["config"]["digest"]
-        [d["digest"] for d in manifest["layers"]]
+        check_digest(manifest["config"]["digest"])
+        for desc in manifest["layers"]:
+            check_digest(desc["digest"])
     except (ValueError, KeyError, TypeError):
         raise StrataError("not an image manifest (schema 2 / OCI)") from None
     return dict(manifest)
@@ -122,8 +123,10 @@ class _Bundle:
         return f  # type: ignore[return-value]
 
     def size(self, name: str) -> int | None:
+        """For progress only: None when unknown (a missing file fails later, on open)."""
         if self._tar is None:
-            return (self.path / _safe_name(name)).stat().st_size
+            path = self.path / _safe_name(name)
+            return path.stat().st_size if path.is_file() else None
         m = self._members.get(_safe_name(name))
         return m.size if m is not None else None
 
