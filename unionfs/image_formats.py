@@ -139,7 +139,8 @@ def _blob_name(digest: str) -> str:
     return "blobs/sha256/" + check_digest(digest).split(":", 1)[1]
 
 
-def _json(data: bytes, what: str) -> Any:
+def load_json(data: bytes, what: str) -> Any:
+    """JSON from outside, or a one-line error naming what it should have been."""
     try:
         return json.loads(data)
     except ValueError:
@@ -148,7 +149,7 @@ def _json(data: bytes, what: str) -> Any:
 
 def _load_docker(store: Store, bundle: _Bundle, progress: Progress | None) -> list[tuple[str, list[str]]]:
     """manifest.json: [{Config, RepoTags, Layers}], layers old-style or as OCI blobs."""
-    entries = _json(bundle.read("manifest.json"), "manifest.json")
+    entries = load_json(bundle.read("manifest.json"), "manifest.json")
     if not isinstance(entries, list):
         raise StrataError("manifest.json is not a list")
     loaded = []
@@ -167,10 +168,10 @@ def _load_docker(store: Store, bundle: _Bundle, progress: Progress | None) -> li
 
 def _layout_manifests(bundle: _Bundle) -> Iterator[tuple[dict[str, Any], list[str]]]:
     """(manifest, tags) for every image of an OCI layout, nested indexes resolved for this host."""
-    layout = _json(bundle.read("oci-layout"), "oci-layout")
+    layout = load_json(bundle.read("oci-layout"), "oci-layout")
     if layout.get("imageLayoutVersion") != "1.0.0":
         raise StrataError(f"unsupported OCI layout version {layout.get('imageLayoutVersion')!r}")
-    index = _json(bundle.read("index.json"), "index.json")
+    index = load_json(bundle.read("index.json"), "index.json")
     for desc in index.get("manifests", []):
         annotations = desc.get("annotations") or {}
         name = annotations.get(CONTAINERD_NAME) or annotations.get(REF_NAME, "")
@@ -180,7 +181,7 @@ def _layout_manifests(bundle: _Bundle) -> Iterator[tuple[dict[str, Any], list[st
                 tags = [str(reference.parse(name))]
         while desc.get("mediaType") in INDEX_TYPES:
             data = verify_bytes(bundle.read(_blob_name(desc["digest"])), desc["digest"], "index")
-            desc = pick_platform(_json(data, "index"))
+            desc = pick_platform(load_json(data, "index"))
         data = verify_bytes(bundle.read(_blob_name(desc["digest"])), desc["digest"], "manifest")
         yield parse_manifest(data), tags
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,7 +22,14 @@ from yarl import URL
 from unionfs import reference
 from unionfs.digest import chain_ids, check_digest, sha256_bytes
 from unionfs.errors import StrataError
-from unionfs.image_formats import INDEX_TYPES, MANIFEST_TYPES, oci_manifest, parse_manifest, pick_platform
+from unionfs.image_formats import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    load_json,
+    oci_manifest,
+    parse_manifest,
+    pick_platform,
+)
 from unionfs.store import OCI_MANIFEST, LayerSource, Store
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -76,7 +82,7 @@ class _Client:
         if expected is not None and check_digest(expected) != digest:
             raise StrataError(f"digest mismatch for {what}: expected {expected}, got {digest}")
         if not media_type or media_type in ("application/json", "text/plain"):
-            media_type = json.loads(body).get("mediaType", "")
+            media_type = load_json(body, what).get("mediaType", "")
         return body, media_type, digest
 
     async def blob_bytes(self, digest: str) -> bytes:
@@ -140,12 +146,16 @@ async def _pull(store: Store, ref: reference.Reference, insecure: bool, progress
         client = _Client(session, ref, insecure)
         body, media_type, _ = await client.manifest(ref.digest or ref.tag or reference.DEFAULT_TAG)
         if media_type in INDEX_TYPES:
-            body, media_type, _ = await client.manifest(pick_platform(json.loads(body))["digest"])
+            chosen = pick_platform(load_json(body, "image index"))
+            body, media_type, _ = await client.manifest(check_digest(chosen["digest"]))
         if media_type not in MANIFEST_TYPES:
             raise StrataError(f"unsupported manifest type {media_type!r} (schema 2 and OCI only)")
         manifest = parse_manifest(body)
         config = await client.blob_bytes(check_digest(manifest["config"]["digest"]))
-        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        try:
+            diff_ids = list(load_json(config, "image config")["rootfs"]["diff_ids"])
+        except (KeyError, TypeError):
+            raise StrataError("image config has no rootfs.diff_ids") from None
         if len(diff_ids) != len(manifest["layers"]):
             raise StrataError("manifest and config disagree on the number of layers")
         wanted = [
