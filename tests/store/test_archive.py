@@ -144,6 +144,9 @@ def _corpus(outside: Path) -> dict[str, tuple[Callable[[], bytes], str, dict[str
             lambda: TarBuilder().hardlink("h", "../outside/secret").bytes(), r"'\.\.'", {}),
         "hardlink-through-symlink": (
             lambda: TarBuilder().symlink("s", o).hardlink("h", "s/secret").bytes(), "symlink", {}),
+        "hardlink-named-through-symlink": (
+            lambda: TarBuilder().file("f").symlink("s", o).hardlink("s/pwned", "f").bytes(), "symlink", {}),
+        "whiteout-of-dotdot": (lambda: TarBuilder().file("a/.wh...", b"").bytes(), "bad whiteout", {}),
         "hardlink-to-missing": (lambda: TarBuilder().hardlink("h", "nope").bytes(), "not in this layer", {}),
         "entry-over-file": (lambda: TarBuilder().file("f").file("f/x").bytes(), "non-directory", {}),
         "device-not-allowed": (
