@@ -36,6 +36,7 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 _ACCEPT = ", ".join([*MANIFEST_TYPES, *INDEX_TYPES])
 _CHUNK = 1 << 20
+_PARALLEL = 3  # layer downloads at once, as docker does
 _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
 
 
@@ -171,12 +172,19 @@ async def _pull(store: Store, ref: reference.Reference, insecure: bool, progress
                 progress(done, total)
 
         with store.staging(prefix="download-") as tmp:
-            paths = {}
-            for desc, _ in wanted:
-                digest = check_digest(desc["digest"])
-                paths[digest] = tmp / digest.split(":", 1)[1]
-                if not paths[digest].exists():
+            paths = {check_digest(d["digest"]): tmp / d["digest"].split(":", 1)[1] for d, _ in wanted}
+            slots = asyncio.Semaphore(_PARALLEL)
+
+            async def fetch(digest: str) -> None:
+                async with slots:
                     await client.download(digest, paths[digest], advance)
+
+            try:
+                async with asyncio.TaskGroup() as group:  # one failure cancels the others
+                    for digest in paths:
+                        group.create_task(fetch(digest))
+            except ExceptionGroup as failed:
+                raise failed.exceptions[0] from None
             sources = [
                 LayerSource.from_file(paths[d["digest"]], d["digest"]) if d["digest"] in paths
                 else LayerSource(_already_stored, d["digest"])
