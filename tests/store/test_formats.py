@@ -3,7 +3,6 @@ pull and push against Debian's docker-registry, digests that do not match."""
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.store.helpers import TarBuilder, overlay, snapshot
+from tests.store.helpers import image_view
 from tests.store.registry import Registry, running_registry
 from unionfs import image_formats
 from unionfs import registry as client
@@ -35,41 +34,6 @@ def skopeo(*args: str) -> str:
     return proc.stdout
 
 
-def _layers() -> list[bytes]:
-    base = TarBuilder().dir("bin").file("bin/tool", os.urandom(200_000), mode=0o755).dir("etc")
-    base.file("etc/conf", b"a=1\n").dir("var").dir("var/lib").file("var/lib/state", b"old")
-    mid = TarBuilder().dir("etc").file("etc/.wh.conf", b"").file("etc/new", b"b=2\n")
-    mid.symlink("link", "bin/tool")
-    top = TarBuilder().dir("var").dir("var/lib").file("var/lib/.wh..wh..opq", b"").file("var/lib/fresh", b"f")
-    top.dir("bin").file("bin/tool2", b"t2")
-    return [base.bytes(), mid.bytes(), top.bytes()]
-
-
-@pytest.fixture
-def sample(store: Store) -> str:
-    """A three-layer image with whiteouts, an opaque dir and mixed compression."""
-    tars = _layers()
-    config = json.dumps({
-        "architecture": "amd64", "os": "linux", "created": "2024-01-02T03:04:05Z",
-        "config": {"Cmd": ["/bin/tool"]},
-        "rootfs": {"type": "layers", "diff_ids": [sha256_bytes(t) for t in tars]},
-        "history": [{"created_by": f"step {i}"} for i in range(3)],
-    }).encode()
-    blobs = [gzip.compress(tars[0]), tars[1], tars[2]]
-    sources = [LayerSource(lambda b=b: io.BytesIO(b), None, len(b)) for b in blobs]  # type: ignore[misc]
-    return store.add_image(config, sources, ["sample:v1"])
-
-
-def _view(store: Store, image_id: str, mnt: Path) -> dict[str, Any]:
-    with overlay(mnt, store.image(image_id).lowerdirs) as m:
-        return snapshot(m)
-
-
-@pytest.fixture
-def fresh(tmp_path: Path) -> Iterator[Store]:
-    yield Store(tmp_path / "fresh")
-
-
 def test_oci_layout_both_ways_through_skopeo(
     store: Store, sample: str, fresh: Store, strata: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -83,14 +47,14 @@ def test_oci_layout_both_ways_through_skopeo(
     zman = json.loads(skopeo("inspect", "--raw", f"oci:{z}:v1"))
     assert all(x["mediaType"].endswith("+zstd") for x in zman["layers"])
 
-    reference = _view(store, sample, tmp_path / "m0")
+    reference = image_view(store, sample, tmp_path / "m0")
     [(got, tags)] = image_formats.load(fresh, b)
     assert got == sample and tags == []  # skopeo keeps only the tag, not the name
-    assert _view(fresh, got, tmp_path / "m1") == reference
+    assert image_view(fresh, got, tmp_path / "m1") == reference
     fresh.remove(got)
     [(got, _)] = image_formats.load(fresh, z)
     assert got == sample and fresh.image(got).layers[0].media_type.endswith("+zstd")
-    assert _view(fresh, got, tmp_path / "m2") == reference
+    assert image_view(fresh, got, tmp_path / "m2") == reference
 
 
 def test_docker_archives_through_skopeo(
@@ -115,7 +79,7 @@ def test_docker_archives_through_skopeo(
     skopeo("copy", f"docker-archive:{classic}", f"docker-archive:{theirs}:elsewhere/sample:v2")
     [(got, tags)] = image_formats.load(fresh, theirs)
     assert got == sample and tags == ["elsewhere/sample:v2"]
-    assert _view(fresh, got, tmp_path / "m1") == _view(store, sample, tmp_path / "m0")
+    assert image_view(fresh, got, tmp_path / "m1") == image_view(store, sample, tmp_path / "m0")
 
     # Our own archives load back (the OCI form keeps the full name).
     fresh.remove(got)
@@ -187,7 +151,7 @@ def test_push_then_skopeo_pulls_and_strata_pulls_what_skopeo_pushed(
     skopeo("copy", "--dest-tls-verify=false", "--format", "v2s2", f"oci:{pulled_dir}:v1", f"docker://{other}")
     pulled = client.pull(fresh, other, insecure=True)
     assert pulled == sample and fresh.image(pulled).tags == [other]
-    assert _view(fresh, pulled, tmp_path / "m1") == _view(store, sample, tmp_path / "m0")
+    assert image_view(fresh, pulled, tmp_path / "m1") == image_view(store, sample, tmp_path / "m0")
     assert client.pull(fresh, f"{registry.host}/strata/sample@{digest}", insecure=True) == sample
 
     res = strata("pull", "--insecure", f"{registry.host}/missing/image:v1", check=False)
