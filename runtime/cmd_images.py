@@ -283,7 +283,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     store = _store(args)
     with _progress("deduplicating") as bar:
         result = dedup.deduplicate(store, progress=bar.advance)
-    print(f"linked {result.files_linked} files, saved {human_size(result.bytes_saved)}")
+    print(f"shared {result.files_linked} files ({result.method}s), saved {human_size(result.bytes_saved)}")
     return 0
 
 
