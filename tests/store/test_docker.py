@@ -88,3 +88,9 @@ def test_docker_to_strata_to_docker(store: Store, strata: Callable[..., Any], tm
         assert listing.split() == ["/data:", ".", "..", "new", "/replace-me:", ".", "..", "z"]
         loaded = json.loads(d.docker("image", "inspect", "from-strata/rt:back").stdout)[0]
         assert loaded["Id"] == img.id
+
+        # The OCI-layout form (docker 25+ writes it) carries manifest.json too: docker 20.10 loads it.
+        strata("save", "--format", "oci", "-o", str(tmp_path / "oci.tar"), "from-strata/rt:back")
+        d.docker("rmi", "from-strata/rt:back")
+        assert "Loaded image: from-strata/rt:back" in d.docker("load", "-i", str(tmp_path / "oci.tar")).stdout
+        assert d.docker("run", "--rm", "from-strata/rt:back").stdout == "z\n"
