@@ -1,6 +1,7 @@
 """The real-dockerd round trips: docker → strata (a `docker commit`ed multi-layer image,
 `docker save`d, loaded by strata, mounted with strata-unionfs, equals `docker export`) and
-strata → docker (`strata save` → `docker load` → `docker run`)."""
+strata → docker (`strata save` → `docker load` → `docker run`), and both ways through
+Debian's docker-registry (strata push → docker pull, docker push → strata pull)."""
 
 from __future__ import annotations
 
