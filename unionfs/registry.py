@@ -61,6 +61,10 @@ class _Client:
     ) -> aiohttp.ClientResponse:
         try:
             resp = await self.session.request(method, url, **kw)
+        except aiohttp.ClientSSLError:
+            raise StrataError(
+                f"{what}: {self.ref.registry} does not speak TLS (a plain HTTP registry? use --insecure)"
+            ) from None
         except aiohttp.ClientError as e:
             raise StrataError(f"{what}: cannot reach {self.ref.registry}: {e}") from None
         if resp.status not in ok:

@@ -156,6 +156,8 @@ def test_push_then_skopeo_pulls_and_strata_pulls_what_skopeo_pushed(
 
     res = strata("pull", "--insecure", f"{registry.host}/missing/image:v1", check=False)
     assert res.code == 1 and "MANIFEST_UNKNOWN" in res.err
+    res = strata("pull", name, check=False)
+    assert res.code == 1 and "use --insecure" in res.err
 
 
 def test_pull_refuses_a_blob_the_registry_corrupted(
