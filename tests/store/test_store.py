@@ -192,3 +192,22 @@ def test_crash_leftovers_are_swept_by_the_next_writer(store: Store) -> None:
     store.add_image(_config(BASE), [_source(BASE)], ["after-crash"])
     assert sorted(p.name for p in store.tmp_dir.iterdir()) == ["download-running"]
     assert store.image(store.resolve("after-crash")).layers[0].diff.is_dir()
+
+
+def test_concurrent_imports_of_one_layer_store_it_once(store: Store, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    tar = tmp_path / "rootfs.tar"
+    tar.write_bytes(TarBuilder().dir("big").file("big/blob", os.urandom(4 << 20)).bytes())
+    strata_bin = str(Path(sys.executable).with_name("strata"))
+    procs = [
+        subprocess.Popen([strata_bin, "--root", str(store.root), "import", str(tar), f"same:{i}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(3)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], results
+    assert len(os.listdir(store.layers_dir)) == 1
+    assert {t for img in store.images() for t in img.tags} == {"same:0", "same:1", "same:2"}
+    assert [p.name for p in store.tmp_dir.iterdir()] == []
