@@ -3,6 +3,7 @@ pull and push against Debian's docker-registry, digests that do not match."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -86,6 +87,9 @@ def test_docker_archives_through_skopeo(
     assert image_formats.load(fresh, oci_tar) == [(sample, ["sample:v1"])]
     fresh.remove(sample)
     assert strata("load", "-i", str(classic)).out == "Loaded image: sample:v1\n"
+    gz = tmp_path / "classic.tar.gz"  # `docker save IMAGE | gzip`
+    gz.write_bytes(gzip.compress(classic.read_bytes()))
+    assert image_formats.load(fresh, gz) == [(sample, ["sample:v1"])]
 
 
 def _tamper_archive(src: Path, dest: Path, member_suffix: str, offset: int) -> None:
