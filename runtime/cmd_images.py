@@ -150,7 +150,7 @@ def inspect_data(store: Store, img: Image) -> dict[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     store = _store(args)
-    print_json([inspect_data(store, store.image(store.resolve(ref))) for ref in args.images], sys.stdout)
+    print_json([inspect_data(store, store.image(ref)) for ref in args.images], sys.stdout)
     return 0
 
 
@@ -173,7 +173,7 @@ def history_rows(img: Image) -> list[dict[str, Any]]:
 
 def cmd_history(args: argparse.Namespace) -> int:
     store = _store(args)
-    rows = history_rows(store.image(store.resolve(args.image)))
+    rows = history_rows(store.image(args.image))
     if args.format == "json":
         print_json(rows, sys.stdout)
         return 0

@@ -209,7 +209,7 @@ def pull(store: Store, ref: str, *, insecure: bool = False, progress: Progress |
 
 
 async def _push(store: Store, ref: reference.Reference, insecure: bool, progress: Progress | None) -> str:
-    img = store.image(store.resolve(str(ref)))
+    img = store.image(str(ref))
     manifest = oci_manifest(store, img)
     blobs = [(layer.blob_digest, layer.blob_size) for layer in img.layers]
     blobs.append((img.id, store.blob_path(img.id).stat().st_size))
