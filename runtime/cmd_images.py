@@ -127,7 +127,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
-def inspect_data(store: Store, img: Image) -> dict[str, Any]:
+def inspect_data(img: Image) -> dict[str, Any]:
     """docker image inspect's shape, with the layer dirs where docker shows GraphDriver data."""
     cfg = img.config
     return {
@@ -150,7 +150,7 @@ def inspect_data(store: Store, img: Image) -> dict[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     store = _store(args)
-    print_json([inspect_data(store, store.image(ref)) for ref in args.images], sys.stdout)
+    print_json([inspect_data(store.image(ref)) for ref in args.images], sys.stdout)
     return 0
 
 
