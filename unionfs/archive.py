@@ -133,7 +133,9 @@ class _Extractor:
             return
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(self.path(parts))
+            # What was recorded for the tree now gone must not be applied to its replacement.
             self.opaque = {o for o in self.opaque if o[: len(parts)] != parts}
+            self.dir_times = {d: t for d, t in self.dir_times.items() if d[: len(parts)] != parts}
         else:
             os.unlink(self.path(parts))
 

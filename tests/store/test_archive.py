@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import random
 import stat
 import subprocess
 from collections.abc import Callable
@@ -295,3 +296,52 @@ def test_layer_root_is_0755_and_zero_runs_become_holes(tmp_path: Path) -> None:
     f = tmp_path / "l" / "var" / "log" / "lastlog"
     assert f.read_bytes() == data and os.lstat(f).st_blocks * 512 < (1 << 20)
     assert (tmp_path / "l" / "tail").read_bytes() == b"x" + bytes(100_000)
+
+
+def _random_tar(rng: random.Random, outside: Path) -> bytes:
+    """Entries drawn from a small name space so they collide: files, dirs, symlinks to inside,
+    outside and `..` targets, hard links, whiteouts and opaque markers, some through others."""
+    names = ["a", "b", "a/b", "a/c", "b/a", "a/b/c", "l", "l/x", "a/l", "a/l/y", ".wh.a", "a/.wh..wh..opq",
+             ".wh.l", "a/.wh.b"]
+    targets = [str(outside), "../outside", "../../outside/secret", "a", "/etc", "..", "a/b", "."]
+    b = TarBuilder()
+    for _ in range(rng.randint(1, 8)):
+        name = rng.choice(names)
+        kind = rng.randrange(5)
+        if kind == 0:
+            b.file(name, rng.choice([b"", b"data", b"pwned"]))
+        elif kind == 1:
+            b.dir(name)
+        elif kind == 2:
+            b.symlink(name, rng.choice(targets))
+        elif kind == 3:
+            b.hardlink(name, rng.choice(names + targets))
+        else:
+            b.file(name + "/inner", b"deep")
+    return b.bytes()
+
+
+def test_random_tars_never_write_outside_and_failures_leave_nothing(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    before = snapshot(tmp_path / "outside")
+    parent = tmp_path / "layers"
+    parent.mkdir()
+    rng = random.Random(1234)
+    refused = 0
+    for i in range(400):
+        dest = parent / f"l{i}"
+        try:
+            apply_bytes(_random_tar(rng, outside), dest)
+        except StrataError:
+            refused += 1
+            assert not dest.exists()
+        else:
+            for dirpath, _dirs, files in os.walk(dest):  # everything applied stays in dest
+                for f in files:
+                    assert os.path.realpath(os.path.join(dirpath, f)).startswith(str(dest)) or \
+                        os.path.islink(os.path.join(dirpath, f))
+        assert snapshot(outside) == before
+        assert sorted(p.name for p in parent.iterdir() if p.name.startswith(".")) == []
+    assert 50 < refused < 390  # the corpus exercises both paths
