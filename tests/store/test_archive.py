@@ -16,6 +16,7 @@ import pytest
 import zstandard
 
 from tests.store.helpers import TarBuilder, overlay, snapshot
+from tests.unionfs.support import mounted
 from unionfs.archive import OPAQUE_XATTR, apply_layer, produce_layer
 from unionfs.errors import StrataError
 
@@ -410,3 +411,29 @@ def test_random_changes_round_trip_through_a_layer(tmp_path: Path) -> None:
 
 def _no_nlink(tree: dict[str, tuple[object, ...]]) -> dict[str, tuple[object, ...]]:
     return {k: v[:-1] for k, v in tree.items()}
+
+
+def test_random_changes_through_strata_unionfs_commit_to_the_same_tree(tmp_path: Path) -> None:
+    """What the runtime commits: an upper written by strata-unionfs, made a layer, read back."""
+    rng = random.Random(7)
+    b = TarBuilder()
+    for d in ("d1", "d1/d2", "d3"):
+        b.dir(d)
+    for f in ("f1", "d1/f2", "d1/d2/f3", "d3/f4", "d3/f5"):
+        b.file(f, f.encode())
+    b.symlink("d1/sl", "f2").hardlink("d3/hl", "d3/f4")
+    apply_bytes(b.bytes(), tmp_path / "base")
+    for i in range(8):
+        upper, work = tmp_path / f"u{i}", tmp_path / f"w{i}"
+        upper.mkdir()
+        work.mkdir()
+        with mounted("strata", [tmp_path / "base"], upper, work, tmp_path / "m") as m:
+            _random_changes(rng, m)
+        # The reference is the upper as the kernel reads it: what a commit captures.
+        with overlay(tmp_path / "k", [tmp_path / "base"], upper, tmp_path / f"kw{i}") as k:
+            reference = _no_nlink(snapshot(k))
+        out = io.BytesIO()
+        produce_layer(upper, out, [tmp_path / "base"])
+        apply_layer(io.BytesIO(out.getvalue()), tmp_path / f"layer{i}")
+        with overlay(tmp_path / "m2", [tmp_path / f"layer{i}", tmp_path / "base"]) as m:
+            assert _no_nlink(snapshot(m)) == reference, f"round {i}"
