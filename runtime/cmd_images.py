@@ -206,7 +206,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def _load(store: Store, path: Path) -> int:
-    with _progress(f"loading {path.name}") as bar:
+    # Layer bytes are most of an archive: its size is a fair total for the bar.
+    with _progress(f"loading {path.name}", path.stat().st_size if path.is_file() else None) as bar:
         loaded = image_formats.load(store, path, progress=bar.advance)
     for image_id, tags in loaded:
         for t in tags:
