@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.store.helpers import image_view
+from tests.store.helpers import TarBuilder, image_view
 from tests.store.registry import Registry, running_registry
 from unionfs import image_formats
 from unionfs import registry as client
@@ -235,3 +235,19 @@ def test_cli_load_from_stdin_and_save_to_stdout(store: Store, sample: str, tmp_p
     proc = subprocess.run([strata_bin, "--root", str(other), "load", "-i", str(tmp_path / "nothing")],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.startswith("strata: ") and proc.stderr.count("\n") == 1
+
+
+def test_docker_archive_with_a_layer_tar_symlinked(fresh: Store, tmp_path: Path) -> None:
+    """docker save writes a layer it already wrote as a symlink to the first copy."""
+    layer = TarBuilder().file("same", b"same content").bytes()
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [sha256_bytes(layer)] * 2}}).encode()
+    archive = TarBuilder().dir("aaa").file("aaa/layer.tar", layer).dir("bbb")
+    archive.symlink("bbb/layer.tar", "../aaa/layer.tar").file(f"{sha256_bytes(config)[7:]}.json", config)
+    manifest = [{"Config": f"{sha256_bytes(config)[7:]}.json", "RepoTags": ["twice:1"],
+                 "Layers": ["aaa/layer.tar", "bbb/layer.tar"]}]
+    (tmp_path / "a.tar").write_bytes(archive.file("manifest.json", json.dumps(manifest).encode()).bytes())
+    [(image_id, _)] = image_formats.load(fresh, tmp_path / "a.tar")
+    layers = fresh.image(image_id).layers
+    assert len(layers) == 2 and layers[0].chain_id != layers[1].chain_id
+    assert (layers[1].diff / "same").read_bytes() == b"same content"
