@@ -19,12 +19,10 @@ import contextlib
 import gzip
 import io
 import os
-import queue
 import shutil
 import stat
 import tarfile
 import tempfile
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +101,8 @@ class _Extractor:
         self.whiteouts: set[tuple[str, ...]] = set()
         self.opaque: set[tuple[str, ...]] = set()
         self.dir_times: dict[tuple[str, ...], float] = {}
+        # Paths known to be real directories of this layer: each parent is checked once.
+        self.dirs: set[tuple[str, ...]] = {()}
         self.size = 0
 
     def path(self, parts: tuple[str, ...]) -> Path:
@@ -118,12 +118,17 @@ class _Extractor:
         """Every parent must be a real directory of this layer (a symlink planted earlier in
         the tar is not): that is what keeps writes inside the root."""
         for i in range(1, len(parts)):
+            if parts[:i] in self.dirs:
+                continue
             st = self._lstat(parts[:i])
             if st is None:
                 if not create:
                     raise StrataError(f"layer refused: {name!r}: {'/'.join(parts[:i])} does not exist")
                 os.mkdir(self.path(parts[:i]), 0o755)
-            elif not stat.S_ISDIR(st.st_mode):
+                self.dirs.add(parts[:i])
+            elif stat.S_ISDIR(st.st_mode):
+                self.dirs.add(parts[:i])
+            else:
                 kind = "symlink" if stat.S_ISLNK(st.st_mode) else "non-directory"
                 raise StrataError(f"layer refused: {name!r} goes through a {kind} {'/'.join(parts[:i])!r}")
 
@@ -134,6 +139,7 @@ class _Extractor:
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(self.path(parts))
             # What was recorded for the tree now gone must not be applied to its replacement.
+            self.dirs = {d for d in self.dirs if d[: len(parts)] != parts}
             self.opaque = {o for o in self.opaque if o[: len(parts)] != parts}
             self.dir_times = {d: t for d, t in self.dir_times.items() if d[: len(parts)] != parts}
         else:
@@ -164,6 +170,7 @@ class _Extractor:
             if existing is None or not stat.S_ISDIR(existing.st_mode):
                 self._remove(parts)
                 os.mkdir(target, 0o700)
+            self.dirs.add(parts)
             if parts in self.whiteouts:
                 self.opaque.add(parts)  # hidden below, re-created here: nothing below shows
             self._meta(target, m)
@@ -206,12 +213,15 @@ class _Extractor:
         with os.fdopen(fd, "wb") as out:
             # Runs of zeros become holes: a sparse file in the tar (say a 1 GB lastlog)
             # stays sparse on disk.
+            hole_at_end = False
             while src is not None and (chunk := src.read(_SPARSE_BLOCK)):
-                if chunk.count(0) == len(chunk):
+                hole_at_end = chunk.count(0) == len(chunk)
+                if hole_at_end:
                     out.seek(len(chunk), os.SEEK_CUR)
                 else:
                     out.write(chunk)
-            out.truncate()
+            if hole_at_end:
+                out.truncate()
         self.size += m.size
 
     def _hardlink(self, parts: tuple[str, ...], m: tarfile.TarInfo) -> None:
@@ -277,29 +287,24 @@ def apply_layer(
         head = source.read(4)
         compression = compression_of(head)
         blob_writer = DigestingWriter(blob_out) if blob_out is not None else None
-        gz, pipe = None, None
+        gz = None
         if blob_writer is not None and not compression:
             # Level 3: three times faster than 6 for 8% more bytes (import speed matters more).
             gz = gzip.GzipFile(fileobj=blob_writer, mode="wb", compresslevel=3, mtime=0)
-            pipe = _BackgroundWriter(gz)  # type: ignore[arg-type]
+        raw = DigestingReader(_Prefixed(head, source), blob_writer if compression else None)  # type: ignore[arg-type]
+        buffered = io.BufferedReader(raw, _CHUNK)
+        diff = DigestingReader(_decompressor(buffered, compression), gz)  # type: ignore[arg-type]
+        ex = _Extractor(tmp, allow_devices)
         try:
-            raw = DigestingReader(_Prefixed(head, source), blob_writer if compression else None)  # type: ignore[arg-type]
-            buffered = io.BufferedReader(raw, _CHUNK)
-            diff = DigestingReader(_decompressor(buffered, compression), pipe)  # type: ignore[arg-type]
-            ex = _Extractor(tmp, allow_devices)
-            try:
-                with tarfile.open(fileobj=diff, mode="r|", errorlevel=2) as tar:  # type: ignore[call-overload]
-                    for member in tar:
-                        ex.add(tar, member)
-                diff.drain()
-                buffered.read()  # bytes after the compressed stream still count for the digest
-            except (tarfile.TarError, EOFError, zstandard.ZstdError) as e:
-                raise StrataError(f"layer refused: not a valid layer tar: {e}") from None
-            except OSError as e:
-                raise StrataError(f"layer refused: {e}") from None
-        finally:
-            if pipe is not None:
-                pipe.close()
+            with tarfile.open(fileobj=diff, mode="r|", errorlevel=2) as tar:  # type: ignore[call-overload]
+                for member in tar:
+                    ex.add(tar, member)
+            diff.drain()
+            buffered.read()  # bytes after the compressed stream still count for the digest
+        except (tarfile.TarError, EOFError, zstandard.ZstdError) as e:
+            raise StrataError(f"layer refused: not a valid layer tar: {e}") from None
+        except OSError as e:
+            raise StrataError(f"layer refused: {e}") from None
         ex.finish()
         diff_id = diff.verify(expected_diff_id, "layer (diff id)")
         source_digest = raw.verify(expected_digest, "layer blob")
@@ -318,46 +323,6 @@ def apply_layer(
         size=ex.size,
         tar_size=diff.size,
     )
-
-
-class _BackgroundWriter(io.RawIOBase):
-    """Hands writes to a worker thread, so compressing the kept blob (zlib drops the GIL)
-    runs beside extraction instead of after each chunk."""
-
-    def __init__(self, target: BinaryIO) -> None:
-        super().__init__()
-        self._target = target
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="blob-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._target.write(chunk)
-                except BaseException as e:  # re-raised in the writing thread
-                    self._error = e
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: bytes) -> int:  # type: ignore[override]
-        if self._error is not None:
-            raise self._error
-        self._queue.put(bytes(data))
-        return len(data)
-
-    def close(self) -> None:
-        """Wait for every queued write; raise what the worker met."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        super().close()
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
 
 
 class _Prefixed(io.RawIOBase):
