@@ -16,7 +16,7 @@ from typing import Any
 
 from runtime.containers import Container, RunOptions, Runtime
 from runtime.output import print_json, print_table
-from runtime.process import read_log
+from runtime.process import StartError, read_log
 from unionfs.errors import StrataError
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([bkmg]?)b?$", re.IGNORECASE)
@@ -69,7 +69,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         rt.start(c, attach=False)
         print(c.id)
         return 0
-    return rt.start(c, attach=True)
+    try:
+        return rt.start(c, attach=True)
+    except StartError as e:
+        print(f"strata: {e}", file=sys.stderr)
+        return e.code
 
 
 def cmd_start(args: argparse.Namespace) -> int:

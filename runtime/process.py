@@ -38,6 +38,15 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
                      signal.SIGUSR2)
 
 
+class StartError(StrataError):
+    """The process could not be started; `code` is what docker exits with then (127: not
+    found, 126: not executable)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass
 class ProcessSpec:
     """What to exec and as whom: argv, KEY=VALUE environment, working dir, `user[:group]`."""
@@ -222,7 +231,8 @@ def spawn(
         raw = _read_all(ready_r)
         error = _read_all(err_r).decode(errors="replace")
         if error or not raw.strip():
-            raise StrataError(error or "container process died while starting")
+            code = exit_code(os.waitpid(helper, 0)[1])
+            raise StartError(error or "container process died while starting", code)
         return Spawned(helper, int(raw))
     except BaseException:
         with contextlib.suppress(ChildProcessError):
