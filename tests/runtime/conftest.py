@@ -109,8 +109,8 @@ def strata(state_root: Path, netns: str) -> Iterator[Strata]:
         yield s
     finally:
         ids = set(s.seen)
-        for line in s("ps", "-a", "--format", "json", check=False).stdout and json.loads(
-                s("ps", "-a", "--format", "json").stdout) or []:
+        listed = s("ps", "-a", "--format", "json", check=False)
+        for line in json.loads(listed.stdout) if listed.returncode == 0 else []:
             ids.add(line["ID"])
             s("rm", "-f", line["ID"], check=False)
         s("system", "prune", check=False)

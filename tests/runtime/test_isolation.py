@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tarfile
+from pathlib import Path
+
 from tests.runtime.conftest import IMAGE, Strata
 
 
@@ -67,9 +70,7 @@ def test_bad_input_is_refused_cleanly(strata: Strata) -> None:
     assert res.returncode == 1 and "already in use" in res.stderr
 
 
-def test_hostile_image_cannot_touch_the_host(strata: Strata, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import tarfile
-
+def test_hostile_image_cannot_touch_the_host(strata: Strata, tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep").write_text("host data\n")
@@ -83,14 +84,16 @@ def test_hostile_image_cannot_touch_the_host(strata: Strata, tmp_path) -> None: 
         tf.add("/bin/busybox", "bin/busybox")
         for name, target in (("bin/sh", "busybox"), ("bin/ls", "busybox"), ("bin/cat", "busybox"),
                              ("proc", str(victim)), ("dev", str(victim)), ("data", str(victim)),
-                             ("etc/hosts", str(victim / "keep")), ("escape", "../../../../../" + str(victim))):
+                             ("etc/hosts", str(victim / "keep")),
+                             ("escape", "../../../../../" + str(victim))):
             info = tarfile.TarInfo(name)
             info.type = tarfile.SYMTYPE
             info.linkname = target
             tf.addfile(info)
     strata("import", str(tar_path), "hostile:1")
     try:
-        out = strata("run", "--rm", "-v", "hostvol:/data", "-v", "hostvol2:/escape/sub", "hostile:1", "sh", "-c",
+        out = strata("run", "--rm", "-v", "hostvol:/data", "-v", "hostvol2:/escape/sub", "hostile:1",
+                     "sh", "-c",
                      "echo pwned > /data/x; echo pwned > /escape/sub/y; ls /proc | grep -c '^[0-9]'; "
                      "cat /etc/hosts; ls /dev").stdout
         assert "pwned" not in (victim / "keep").read_text()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import tarfile
 import time
+from pathlib import Path
 
 from tests.runtime.conftest import IMAGE, Strata
 
@@ -77,7 +78,7 @@ def test_restart_a_stopped_container_and_ps(strata: Strata) -> None:
     assert "Exited (0)" in strata("ps", "-a").stdout
 
 
-def test_diff_commit_run_and_export(strata: Strata, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_diff_commit_run_and_export(strata: Strata, tmp_path: Path) -> None:
     strata("run", "--name", "changer", IMAGE, "sh", "-c",
            "echo new > /added; rm /etc/motd; echo edited >> /etc/passwd; mkdir -p /data/sub")
     diff = strata("diff", "changer").stdout.splitlines()
@@ -125,12 +126,12 @@ def test_rm_and_prune_after_kill_9_of_strata(strata: Strata) -> None:
     monitor = strata.inspect("orphan")["State"]["MonitorPid"]
     os.kill(monitor, signal.SIGKILL)
     time.sleep(0.2)
-    assert any(cid in t for t in open("/proc/self/mounts").read().split())
+    assert any(cid in t for t in Path("/proc/self/mounts").read_text().split())
     out = strata("system", "prune").stdout
     assert "orphan" in out
     st = strata.inspect("orphan")["State"]
     assert st["Status"] == "exited"
-    assert not any(cid in t for t in open("/proc/self/mounts").read().split())
+    assert not any(cid in t for t in Path("/proc/self/mounts").read_text().split())
     vol = json.loads(strata("volume", "inspect", "orphanvol").stdout)[0]
     assert vol["Status"]["MountCount"] == 0
     strata("rm", "orphan")
