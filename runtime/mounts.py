@@ -10,7 +10,6 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from plugin_api.client import PluginClient, PluginError
 from unionfs.errors import StrataError
 from volumes import NoSuchVolume, VolumeManager
 from volumes.names import check_name
@@ -74,6 +73,8 @@ def with_mode(m: Mount, mode: str | None) -> Mount:
 
 
 async def _plugin(driver: str, op: str, name: str, mount_id: str) -> str:
+    from plugin_api.client import PluginClient, PluginError  # aiohttp: only for plugin volumes
+
     async with PluginClient.for_plugin(driver) as c:
         if op == "ensure":
             try:

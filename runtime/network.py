@@ -10,15 +10,30 @@ import contextlib
 import fcntl
 import ipaddress
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING
 
 from unionfs.errors import StrataError
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
+
+def _iproute() -> IPRoute:
+    """pyroute2 costs a fifth of a second to import: only containers that use it pay."""
+    from pyroute2 import IPRoute
+
+    return IPRoute()
+
+
+def _netlink_error() -> type[Exception]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError
 
 BRIDGE = "strata0"
 SUBNET = ipaddress.ip_network("10.77.0.0/24")
@@ -78,13 +93,13 @@ def allocate(lock_path: Path, in_use: Callable[[], Iterable[str]], record: Calla
 def ensure_bridge(ipr: IPRoute) -> int:
     idx = ipr.link_lookup(ifname=BRIDGE)
     if not idx:
-        with contextlib.suppress(NetlinkError):  # another container created it meanwhile
+        with contextlib.suppress(_netlink_error()):  # another container created it meanwhile
             ipr.link("add", ifname=BRIDGE, kind="bridge")
         idx = ipr.link_lookup(ifname=BRIDGE)
     index = int(idx[0])
     addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=socket.AF_INET)]
     if str(GATEWAY) not in addrs:
-        with contextlib.suppress(NetlinkError):
+        with contextlib.suppress(_netlink_error()):
             ipr.addr("add", index=index, address=str(GATEWAY), prefixlen=SUBNET.prefixlen)
     ipr.link("set", index=index, state="up")
     return index
@@ -93,7 +108,7 @@ def ensure_bridge(ipr: IPRoute) -> int:
 def create_veth(container_id: str) -> None:
     """The pair, host end up on the bridge; the peer waits to be moved into the container."""
     host, peer = veth_names(container_id)
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         bridge = ensure_bridge(ipr)
         remove_veth(container_id, ipr)
         ipr.link("add", ifname=host, kind="veth", peer=peer)
@@ -103,16 +118,27 @@ def create_veth(container_id: str) -> None:
 
 def move_peer(container_id: str, pid: int) -> None:
     _, peer = veth_names(container_id)
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname=peer)[0], net_ns_pid=pid)
+
+
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def loopback_up() -> None:
+    """`ip link set lo up` by ioctl, without loading netlink machinery."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
 
 
 def configure_inside(container_id: str | None, address: str | None) -> None:
     """In the container's network namespace: lo up, and eth0 with its address and route."""
-    with IPRoute() as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        if container_id is None or address is None:
-            return
+    loopback_up()
+    if container_id is None or address is None:
+        return
+    with _iproute() as ipr:
         _, peer = veth_names(container_id)
         index = ipr.link_lookup(ifname=peer)[0]
         ipr.link("set", index=index, ifname="eth0")
@@ -125,11 +151,11 @@ def remove_veth(container_id: str, ipr: IPRoute | None = None) -> bool:
     """Delete the host end (the peer goes with it); True when there was one."""
     host, _ = veth_names(container_id)
     own = ipr is None
-    ipr = ipr or IPRoute()
+    ipr = ipr or _iproute()
     try:
         idx = ipr.link_lookup(ifname=host)
         if idx:
-            with contextlib.suppress(NetlinkError):
+            with contextlib.suppress(_netlink_error()):
                 ipr.link("del", index=idx[0])
             return True
         return False
@@ -140,7 +166,7 @@ def remove_veth(container_id: str, ipr: IPRoute | None = None) -> bool:
 
 def leftover_veths() -> list[str]:
     """Container ids (10-hex prefixes) of the host ends of strata veths present now."""
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
     return [n[2:] for n in names if n and n.startswith("vs") and len(n) == 12]
 

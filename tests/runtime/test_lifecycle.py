@@ -148,3 +148,14 @@ def test_rm_and_prune_after_kill_9_of_strata(strata: Strata) -> None:
         proc.wait()
     strata.inspect("fg")
     strata("rm", "-f", "fg")
+
+
+def test_kernel_overlay_storage_driver_for_comparison(strata: Strata) -> None:
+    strata("run", "--name", "kov", "--storage-driver", "overlay", IMAGE, "sh", "-c",
+           "echo k > /k; rm /etc/motd")
+    assert strata.inspect("kov")["GraphDriver"]["Name"] == "overlay"
+    assert strata("diff", "kov").stdout.splitlines() == ["C /etc", "D /etc/motd", "A /k"]
+    strata("commit", "kov", "kov:1")
+    assert strata("run", "--rm", "kov:1", "cat", "/k").stdout == "k\n"
+    strata("rm", "kov")
+    strata("rmi", "kov:1")
