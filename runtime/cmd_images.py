@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import shutil
 import sys
 import tempfile
@@ -17,6 +18,20 @@ from runtime.output import Progress, human_size, print_json, print_table
 from unionfs import dedup, image_formats, registry
 from unionfs.errors import StrataError
 from unionfs.store import Image, Store
+
+
+def _os_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A file the user named that cannot be read or written is their error, not a traceback."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise StrataError(f"{where}{e.strerror or e}") from None
+
+    return run
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -112,7 +127,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
-def inspect_data(store: Store, img: Image) -> dict[str, Any]:
+def inspect_data(img: Image) -> dict[str, Any]:
     """docker image inspect's shape, with the layer dirs where docker shows GraphDriver data."""
     cfg = img.config
     return {
@@ -135,7 +150,7 @@ def inspect_data(store: Store, img: Image) -> dict[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     store = _store(args)
-    print_json([inspect_data(store, store.image(store.resolve(ref))) for ref in args.images], sys.stdout)
+    print_json([inspect_data(store.image(ref)) for ref in args.images], sys.stdout)
     return 0
 
 
@@ -158,7 +173,7 @@ def history_rows(img: Image) -> list[dict[str, Any]]:
 
 def cmd_history(args: argparse.Namespace) -> int:
     store = _store(args)
-    rows = history_rows(store.image(store.resolve(args.image)))
+    rows = history_rows(store.image(args.image))
     if args.format == "json":
         print_json(rows, sys.stdout)
         return 0
@@ -191,7 +206,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def _load(store: Store, path: Path) -> int:
-    with _progress(f"loading {path.name}") as bar:
+    # Layer bytes are most of an archive: its size is a fair total for the bar.
+    with _progress(f"loading {path.name}", path.stat().st_size if path.is_file() else None) as bar:
         loaded = image_formats.load(store, path, progress=bar.advance)
     for image_id, tags in loaded:
         for t in tags:
@@ -268,7 +284,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     store = _store(args)
     with _progress("deduplicating") as bar:
         result = dedup.deduplicate(store, progress=bar.advance)
-    print(f"linked {result.files_linked} files, saved {human_size(result.bytes_saved)}")
+    print(f"shared {result.files_linked} files ({result.method}s), saved {human_size(result.bytes_saved)}")
     return 0
 
 
@@ -282,43 +298,43 @@ def _fmt(p: argparse.ArgumentParser) -> None:
 def _setup_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="rootfs tarball (plain, gzip, zstd) or directory")
     p.add_argument("reference", nargs="?", help="NAME[:TAG] for the new image")
-    p.set_defaults(func=cmd_import)
+    p.set_defaults(func=_os_errors(cmd_import))
 
 
 def _setup_images(p: argparse.ArgumentParser) -> None:
     p.add_argument("filter_ref", nargs="?", metavar="REPOSITORY[:TAG]", help="only this repository/tag")
     p.add_argument("-q", "--quiet", action="store_true", help="only image ids")
     _fmt(p)
-    p.set_defaults(func=cmd_images)
+    p.set_defaults(func=_os_errors(cmd_images))
 
 
 def _setup_rmi(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-f", "--force", action="store_true", help="remove an image id with several tags")
-    p.set_defaults(func=cmd_rmi)
+    p.set_defaults(func=_os_errors(cmd_rmi))
 
 
 def _setup_tag(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE_IMAGE[:TAG]")
     p.add_argument("target", metavar="TARGET_IMAGE[:TAG]")
-    p.set_defaults(func=cmd_tag)
+    p.set_defaults(func=_os_errors(cmd_tag))
 
 
 def _setup_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.set_defaults(func=cmd_inspect)
+    p.set_defaults(func=_os_errors(cmd_inspect))
 
 
 def _setup_history(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--no-trunc", action="store_true", help="do not shorten CREATED BY")
     _fmt(p)
-    p.set_defaults(func=cmd_history)
+    p.set_defaults(func=_os_errors(cmd_history))
 
 
 def _setup_load(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input", help="docker save archive (.tar[.gz]) or OCI layout (dir or tar)")
-    p.set_defaults(func=cmd_load)
+    p.set_defaults(func=_os_errors(cmd_load))
 
 
 def _setup_save(p: argparse.ArgumentParser) -> None:
@@ -328,19 +344,19 @@ def _setup_save(p: argparse.ArgumentParser) -> None:
         "--format", choices=["docker", "oci", "oci-dir"], default="docker",
         help="docker: a `docker load` archive (default); oci: OCI layout in a tar; oci-dir: OCI layout dir",
     )
-    p.set_defaults(func=cmd_save)
+    p.set_defaults(func=_os_errors(cmd_save))
 
 
 def _setup_pull(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="NAME[:TAG|@DIGEST]", help="e.g. 127.0.0.1:5000/busybox:latest")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (a registry on loopback)")
-    p.set_defaults(func=cmd_pull)
+    p.set_defaults(func=_os_errors(cmd_pull))
 
 
 def _setup_push(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="NAME[:TAG]", help="a local image named for its registry")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (a registry on loopback)")
-    p.set_defaults(func=cmd_push)
+    p.set_defaults(func=_os_errors(cmd_push))
 
 
 _VERBS: list[tuple[str, str | None, str, Callable[[argparse.ArgumentParser], None]]] = [
@@ -370,6 +386,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     system_sub = system.add_subparsers(dest="system_command", metavar="COMMAND", required=True)
     df = system_sub.add_parser("df", help="disk usage of images and layers, and what dedup saved")
     _fmt(df)
-    df.set_defaults(func=cmd_df)
+    df.set_defaults(func=_os_errors(cmd_df))
     dd = system_sub.add_parser("dedup", help="share identical files across layers (verified byte for byte)")
-    dd.set_defaults(func=cmd_dedup)
+    dd.set_defaults(func=_os_errors(cmd_dedup))

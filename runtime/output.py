@@ -10,15 +10,17 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 
-def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], out: TextIO = sys.stdout) -> None:
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], out: TextIO | None = None) -> None:
     """Print rows under headers in columns two spaces apart, docker style."""
+    out = out or sys.stdout
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for r in cells:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
 
 
-def print_json(value: Any, out: TextIO = sys.stdout) -> None:
+def print_json(value: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     json.dump(value, out, indent=2, sort_keys=True, default=str)
     out.write("\n")
 
@@ -34,9 +36,10 @@ def human_size(n: float) -> str:
 class Progress:
     """A one-line progress bar on stderr; silent when stderr is not a terminal."""
 
-    def __init__(self, label: str, total: int | None = None, out: TextIO = sys.stderr) -> None:
-        self.label, self.total, self.done, self.out = label, total, 0, out
-        self.enabled = out.isatty()
+    def __init__(self, label: str, total: int | None = None, out: TextIO | None = None) -> None:
+        # Streams are looked up now, not at import, so a redirected sys.stderr is honoured.
+        self.label, self.total, self.done, self.out = label, total, 0, out or sys.stderr
+        self.enabled = self.out.isatty()
         self._last = 0.0
 
     def advance(self, n: int = 1) -> None:

@@ -43,6 +43,7 @@ _PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverla
 _REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
 _XATTR_PAX = "SCHILY.xattr."
 _CHUNK = 1 << 20
+_SPARSE_BLOCK = 64 << 10
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -100,6 +101,8 @@ class _Extractor:
         self.whiteouts: set[tuple[str, ...]] = set()
         self.opaque: set[tuple[str, ...]] = set()
         self.dir_times: dict[tuple[str, ...], float] = {}
+        # Paths known to be real directories of this layer: each parent is checked once.
+        self.dirs: set[tuple[str, ...]] = {()}
         self.size = 0
 
     def path(self, parts: tuple[str, ...]) -> Path:
@@ -115,12 +118,17 @@ class _Extractor:
         """Every parent must be a real directory of this layer (a symlink planted earlier in
         the tar is not): that is what keeps writes inside the root."""
         for i in range(1, len(parts)):
+            if parts[:i] in self.dirs:
+                continue
             st = self._lstat(parts[:i])
             if st is None:
                 if not create:
                     raise StrataError(f"layer refused: {name!r}: {'/'.join(parts[:i])} does not exist")
                 os.mkdir(self.path(parts[:i]), 0o755)
-            elif not stat.S_ISDIR(st.st_mode):
+                self.dirs.add(parts[:i])
+            elif stat.S_ISDIR(st.st_mode):
+                self.dirs.add(parts[:i])
+            else:
                 kind = "symlink" if stat.S_ISLNK(st.st_mode) else "non-directory"
                 raise StrataError(f"layer refused: {name!r} goes through a {kind} {'/'.join(parts[:i])!r}")
 
@@ -130,7 +138,10 @@ class _Extractor:
             return
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(self.path(parts))
+            # What was recorded for the tree now gone must not be applied to its replacement.
+            self.dirs = {d for d in self.dirs if d[: len(parts)] != parts}
             self.opaque = {o for o in self.opaque if o[: len(parts)] != parts}
+            self.dir_times = {d: t for d, t in self.dir_times.items() if d[: len(parts)] != parts}
         else:
             os.unlink(self.path(parts))
 
@@ -159,6 +170,7 @@ class _Extractor:
             if existing is None or not stat.S_ISDIR(existing.st_mode):
                 self._remove(parts)
                 os.mkdir(target, 0o700)
+            self.dirs.add(parts)
             if parts in self.whiteouts:
                 self.opaque.add(parts)  # hidden below, re-created here: nothing below shows
             self._meta(target, m)
@@ -199,8 +211,17 @@ class _Extractor:
         src = tar.extractfile(m)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as out:
-            if src is not None:
-                shutil.copyfileobj(src, out, _CHUNK)
+            # Runs of zeros become holes: a sparse file in the tar (say a 1 GB lastlog)
+            # stays sparse on disk.
+            hole_at_end = False
+            while src is not None and (chunk := src.read(_SPARSE_BLOCK)):
+                hole_at_end = chunk.count(0) == len(chunk)
+                if hole_at_end:
+                    out.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    out.write(chunk)
+            if hole_at_end:
+                out.truncate()
         self.size += m.size
 
     def _hardlink(self, parts: tuple[str, ...], m: tarfile.TarInfo) -> None:
@@ -262,12 +283,14 @@ def apply_layer(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
+        os.chmod(tmp, 0o755)  # the root of every container built on it, unless the tar says otherwise
         head = source.read(4)
         compression = compression_of(head)
         blob_writer = DigestingWriter(blob_out) if blob_out is not None else None
         gz = None
         if blob_writer is not None and not compression:
-            gz = gzip.GzipFile(fileobj=blob_writer, mode="wb", mtime=0)
+            # Level 3: three times faster than 6 for 8% more bytes (import speed matters more).
+            gz = gzip.GzipFile(fileobj=blob_writer, mode="wb", compresslevel=3, mtime=0)
         raw = DigestingReader(_Prefixed(head, source), blob_writer if compression else None)  # type: ignore[arg-type]
         buffered = io.BufferedReader(raw, _CHUNK)
         diff = DigestingReader(_decompressor(buffered, compression), gz)  # type: ignore[arg-type]

@@ -126,12 +126,17 @@ def make_copy(src: str, st: os.stat_result, dst: str, data: bool, fsync: bool) -
 
 def copy_up(work: WorkDir, src: str, st: os.stat_result, dst: str, data: bool = True,
             fsync: bool = True) -> os.stat_result:
-    """Copy src into the upper at dst atomically; returns the new file's lstat."""
+    """Copy src into the upper at dst atomically; returns the new file's lstat.
+    The upper parent keeps its times, as with the kernel: a copy-up is not a
+    change of the directory, and a layer committed from the upper must not say so."""
     tmp = work.temp()
+    parent = os.path.dirname(dst)
+    pst = os.lstat(parent)
     try:
         make_copy(src, st, tmp, data, fsync)
         os.rename(tmp, dst)
     except BaseException:
         work.discard(tmp)
         raise
+    os.utime(parent, ns=(pst.st_atime_ns, pst.st_mtime_ns))
     return os.lstat(dst)

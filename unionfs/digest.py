@@ -11,12 +11,12 @@ from typing import BinaryIO
 
 from unionfs.errors import StrataError
 
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def check_digest(digest: str) -> str:
     """A digest from outside names a file in the store, so its form is checked first."""
-    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
         raise StrataError(f"invalid digest {digest!r} (want sha256:<64 hex>)")
     return digest
 

@@ -31,7 +31,6 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
-_CHUNK = 1 << 20
 
 Progress = Callable[[int], None]
 
@@ -64,10 +63,12 @@ def pick_platform(index: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_manifest(data: bytes) -> dict[str, Any]:
+    """A schema 2 / OCI image manifest, its config and layer digests checked for form."""
     try:
         manifest = json.loads(data)
-        manifest["config"]["digest"]
-        [d["digest"] for d in manifest["layers"]]
+        check_digest(manifest["config"]["digest"])
+        for desc in manifest["layers"]:
+            check_digest(desc["digest"])
     except (ValueError, KeyError, TypeError):
         raise StrataError("not an image manifest (schema 2 / OCI)") from None
     return dict(manifest)
@@ -122,8 +123,10 @@ class _Bundle:
         return f  # type: ignore[return-value]
 
     def size(self, name: str) -> int | None:
+        """For progress only: None when unknown (a missing file fails later, on open)."""
         if self._tar is None:
-            return (self.path / _safe_name(name)).stat().st_size
+            path = self.path / _safe_name(name)
+            return path.stat().st_size if path.is_file() else None
         m = self._members.get(_safe_name(name))
         return m.size if m is not None else None
 
@@ -136,7 +139,8 @@ def _blob_name(digest: str) -> str:
     return "blobs/sha256/" + check_digest(digest).split(":", 1)[1]
 
 
-def _json(data: bytes, what: str) -> Any:
+def load_json(data: bytes, what: str) -> Any:
+    """JSON from outside, or a one-line error naming what it should have been."""
     try:
         return json.loads(data)
     except ValueError:
@@ -145,7 +149,7 @@ def _json(data: bytes, what: str) -> Any:
 
 def _load_docker(store: Store, bundle: _Bundle, progress: Progress | None) -> list[tuple[str, list[str]]]:
     """manifest.json: [{Config, RepoTags, Layers}], layers old-style or as OCI blobs."""
-    entries = _json(bundle.read("manifest.json"), "manifest.json")
+    entries = load_json(bundle.read("manifest.json"), "manifest.json")
     if not isinstance(entries, list):
         raise StrataError("manifest.json is not a list")
     loaded = []
@@ -164,10 +168,10 @@ def _load_docker(store: Store, bundle: _Bundle, progress: Progress | None) -> li
 
 def _layout_manifests(bundle: _Bundle) -> Iterator[tuple[dict[str, Any], list[str]]]:
     """(manifest, tags) for every image of an OCI layout, nested indexes resolved for this host."""
-    layout = _json(bundle.read("oci-layout"), "oci-layout")
+    layout = load_json(bundle.read("oci-layout"), "oci-layout")
     if layout.get("imageLayoutVersion") != "1.0.0":
         raise StrataError(f"unsupported OCI layout version {layout.get('imageLayoutVersion')!r}")
-    index = _json(bundle.read("index.json"), "index.json")
+    index = load_json(bundle.read("index.json"), "index.json")
     for desc in index.get("manifests", []):
         annotations = desc.get("annotations") or {}
         name = annotations.get(CONTAINERD_NAME) or annotations.get(REF_NAME, "")
@@ -177,7 +181,7 @@ def _layout_manifests(bundle: _Bundle) -> Iterator[tuple[dict[str, Any], list[st
                 tags = [str(reference.parse(name))]
         while desc.get("mediaType") in INDEX_TYPES:
             data = verify_bytes(bundle.read(_blob_name(desc["digest"])), desc["digest"], "index")
-            desc = pick_platform(_json(data, "index"))
+            desc = pick_platform(load_json(data, "index"))
         data = verify_bytes(bundle.read(_blob_name(desc["digest"])), desc["digest"], "manifest")
         yield parse_manifest(data), tags
 
@@ -328,8 +332,14 @@ def _tar_info(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.Ta
     return info
 
 
+def _check_parent(dest: Path) -> None:
+    if not dest.absolute().parent.is_dir():
+        raise StrataError(f"{dest.absolute().parent}: no such directory")
+
+
 def save_archive_file(store: Store, refs: Sequence[str], dest: Path, *, oci: bool = False) -> None:
     """save_archive to a file, written beside it and renamed in, so a failure leaves no torn archive."""
+    _check_parent(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -344,6 +354,7 @@ def save_oci_layout(store: Store, refs: Sequence[str], dest: Path) -> None:
     """An OCI image layout directory (skopeo's `oci:DIR:TAG`), built beside dest and renamed in."""
     if dest.exists():
         raise StrataError(f"{dest} already exists")
+    _check_parent(dest)
     images = _images(store, refs)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,13 +22,21 @@ from yarl import URL
 from unionfs import reference
 from unionfs.digest import chain_ids, check_digest, sha256_bytes
 from unionfs.errors import StrataError
-from unionfs.image_formats import INDEX_TYPES, MANIFEST_TYPES, oci_manifest, parse_manifest, pick_platform
+from unionfs.image_formats import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    load_json,
+    oci_manifest,
+    parse_manifest,
+    pick_platform,
+)
 from unionfs.store import OCI_MANIFEST, LayerSource, Store
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 _ACCEPT = ", ".join([*MANIFEST_TYPES, *INDEX_TYPES])
 _CHUNK = 1 << 20
+_PARALLEL = 3  # layer downloads at once, as docker does
 _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
 
 
@@ -54,6 +61,10 @@ class _Client:
     ) -> aiohttp.ClientResponse:
         try:
             resp = await self.session.request(method, url, **kw)
+        except aiohttp.ClientSSLError:
+            raise StrataError(
+                f"{what}: {self.ref.registry} does not speak TLS (a plain HTTP registry? use --insecure)"
+            ) from None
         except aiohttp.ClientError as e:
             raise StrataError(f"{what}: cannot reach {self.ref.registry}: {e}") from None
         if resp.status not in ok:
@@ -76,7 +87,7 @@ class _Client:
         if expected is not None and check_digest(expected) != digest:
             raise StrataError(f"digest mismatch for {what}: expected {expected}, got {digest}")
         if not media_type or media_type in ("application/json", "text/plain"):
-            media_type = json.loads(body).get("mediaType", "")
+            media_type = load_json(body, what).get("mediaType", "")
         return body, media_type, digest
 
     async def blob_bytes(self, digest: str) -> bytes:
@@ -140,12 +151,16 @@ async def _pull(store: Store, ref: reference.Reference, insecure: bool, progress
         client = _Client(session, ref, insecure)
         body, media_type, _ = await client.manifest(ref.digest or ref.tag or reference.DEFAULT_TAG)
         if media_type in INDEX_TYPES:
-            body, media_type, _ = await client.manifest(pick_platform(json.loads(body))["digest"])
+            chosen = pick_platform(load_json(body, "image index"))
+            body, media_type, _ = await client.manifest(check_digest(chosen["digest"]))
         if media_type not in MANIFEST_TYPES:
             raise StrataError(f"unsupported manifest type {media_type!r} (schema 2 and OCI only)")
         manifest = parse_manifest(body)
         config = await client.blob_bytes(check_digest(manifest["config"]["digest"]))
-        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        try:
+            diff_ids = list(load_json(config, "image config")["rootfs"]["diff_ids"])
+        except (KeyError, TypeError):
+            raise StrataError("image config has no rootfs.diff_ids") from None
         if len(diff_ids) != len(manifest["layers"]):
             raise StrataError("manifest and config disagree on the number of layers")
         wanted = [
@@ -161,12 +176,19 @@ async def _pull(store: Store, ref: reference.Reference, insecure: bool, progress
                 progress(done, total)
 
         with store.staging(prefix="download-") as tmp:
-            paths = {}
-            for desc, _ in wanted:
-                digest = check_digest(desc["digest"])
-                paths[digest] = tmp / digest.split(":", 1)[1]
-                if not paths[digest].exists():
+            paths = {check_digest(d["digest"]): tmp / d["digest"].split(":", 1)[1] for d, _ in wanted}
+            slots = asyncio.Semaphore(_PARALLEL)
+
+            async def fetch(digest: str) -> None:
+                async with slots:
                     await client.download(digest, paths[digest], advance)
+
+            try:
+                async with asyncio.TaskGroup() as group:  # one failure cancels the others
+                    for digest in paths:
+                        group.create_task(fetch(digest))
+            except ExceptionGroup as failed:
+                raise failed.exceptions[0] from None
             sources = [
                 LayerSource.from_file(paths[d["digest"]], d["digest"]) if d["digest"] in paths
                 else LayerSource(_already_stored, d["digest"])
@@ -187,7 +209,7 @@ def pull(store: Store, ref: str, *, insecure: bool = False, progress: Progress |
 
 
 async def _push(store: Store, ref: reference.Reference, insecure: bool, progress: Progress | None) -> str:
-    img = store.image(store.resolve(str(ref)))
+    img = store.image(str(ref))
     manifest = oci_manifest(store, img)
     blobs = [(layer.blob_digest, layer.blob_size) for layer in img.layers]
     blobs.append((img.id, store.blob_path(img.id).stat().st_size))

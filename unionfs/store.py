@@ -36,7 +36,7 @@ import zstandard
 
 from unionfs import reference
 from unionfs.archive import apply_layer, produce_layer
-from unionfs.digest import chain_id, chain_ids, check_digest, sha256_bytes
+from unionfs.digest import DIGEST_RE, chain_id, chain_ids, check_digest, sha256_bytes
 from unionfs.errors import StrataError
 from unionfs.paths import state_root
 
@@ -269,10 +269,11 @@ class Store:
 
     def open_layer_tar(self, layer: Layer) -> BinaryIO:
         """The layer as an uncompressed tar stream (what DiffID hashes), for `docker save`."""
-        f = open(self.blob_path(layer.blob_digest), "rb")  # noqa: SIM115 - closed with the stream
+        path = self.blob_path(layer.blob_digest)
         if layer.media_type.endswith("+zstd"):
+            f = open(path, "rb")  # noqa: SIM115 - closed with the stream (closefd)
             return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True, closefd=True)
-        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+        return gzip.open(path, "rb")  # type: ignore[return-value]
 
     # --- images --------------------------------------------------------------------------
 
@@ -288,9 +289,11 @@ class Store:
     def image_ids(self) -> list[str]:
         return sorted("sha256:" + p.stem for p in self.images_dir.glob("*.json"))
 
-    def image(self, image_id: str) -> Image:
-        if not (self.images_dir / f"{_hex(image_id)}.json").exists():
-            raise StrataError(f"no such image: {image_id}")
+    def image(self, ref: str) -> Image:
+        """An image by id, id prefix or name[:tag]."""
+        image_id = ref
+        if not (DIGEST_RE.match(ref) and (self.images_dir / f"{_hex(ref)}.json").exists()):
+            image_id = self.resolve(ref)
         config = json.loads(self.read_blob(image_id))
         layers = [self.layer(c) for c in chain_ids(config["rootfs"]["diff_ids"])]
         tags = sorted(t for t, i in self._repositories().items() if i == image_id)

@@ -2,18 +2,55 @@
 
 from __future__ import annotations
 
+import gzip
+import io
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from runtime.cli import main
-from unionfs.store import Store
+from tests.store.helpers import TarBuilder
+from unionfs.digest import sha256_bytes
+from unionfs.store import LayerSource, Store
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "state")
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Store:
+    """A second, empty store: where images go back in after a trip through another tool."""
+    return Store(tmp_path / "fresh")
+
+
+def _sample_layers() -> list[bytes]:
+    base = TarBuilder().dir("bin").file("bin/tool", os.urandom(200_000), mode=0o755).dir("etc")
+    base.file("etc/conf", b"a=1\n").dir("var").dir("var/lib").file("var/lib/state", b"old")
+    mid = TarBuilder().dir("etc").file("etc/.wh.conf", b"").file("etc/new", b"b=2\n")
+    mid.symlink("link", "bin/tool")
+    top = TarBuilder().dir("var").dir("var/lib").file("var/lib/.wh..wh..opq", b"").file("var/lib/fresh", b"f")
+    top.dir("bin").file("bin/tool2", b"t2")
+    return [base.bytes(), mid.bytes(), top.bytes()]
+
+
+@pytest.fixture
+def sample(store: Store) -> str:
+    """`sample:v1`, three layers with a whiteout, an opaque dir and mixed compression."""
+    tars = _sample_layers()
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux", "created": "2024-01-02T03:04:05Z",
+        "config": {"Cmd": ["/bin/tool"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha256_bytes(t) for t in tars]},
+        "history": [{"created_by": f"step {i}"} for i in range(3)],
+    }).encode()
+    blobs = [gzip.compress(tars[0]), tars[1], tars[2]]
+    sources = [LayerSource(lambda b=b: io.BytesIO(b), None, len(b)) for b in blobs]  # type: ignore[misc]
+    return store.add_image(config, sources, ["sample:v1"])
 
 
 class CLIResult:

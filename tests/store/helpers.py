@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from unionfs import kernel
+from unionfs.store import Store
 
 
 class TarBuilder:
@@ -113,3 +114,9 @@ def overlay(
         yield mnt
     finally:
         kernel.umount(mnt, kernel.MNT_DETACH)
+
+
+def image_view(store: Store, image_id: str, mnt: Path) -> dict[str, tuple[Any, ...]]:
+    """What an image shows, through a read-only kernel overlayfs of its layers."""
+    with overlay(mnt, store.image(image_id).lowerdirs) as m:
+        return snapshot(m)

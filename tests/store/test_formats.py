@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.store.helpers import TarBuilder, overlay, snapshot
+from tests.store.helpers import TarBuilder, image_view
 from tests.store.registry import Registry, running_registry
 from unionfs import image_formats
 from unionfs import registry as client
@@ -35,41 +35,6 @@ def skopeo(*args: str) -> str:
     return proc.stdout
 
 
-def _layers() -> list[bytes]:
-    base = TarBuilder().dir("bin").file("bin/tool", os.urandom(200_000), mode=0o755).dir("etc")
-    base.file("etc/conf", b"a=1\n").dir("var").dir("var/lib").file("var/lib/state", b"old")
-    mid = TarBuilder().dir("etc").file("etc/.wh.conf", b"").file("etc/new", b"b=2\n")
-    mid.symlink("link", "bin/tool")
-    top = TarBuilder().dir("var").dir("var/lib").file("var/lib/.wh..wh..opq", b"").file("var/lib/fresh", b"f")
-    top.dir("bin").file("bin/tool2", b"t2")
-    return [base.bytes(), mid.bytes(), top.bytes()]
-
-
-@pytest.fixture
-def sample(store: Store) -> str:
-    """A three-layer image with whiteouts, an opaque dir and mixed compression."""
-    tars = _layers()
-    config = json.dumps({
-        "architecture": "amd64", "os": "linux", "created": "2024-01-02T03:04:05Z",
-        "config": {"Cmd": ["/bin/tool"]},
-        "rootfs": {"type": "layers", "diff_ids": [sha256_bytes(t) for t in tars]},
-        "history": [{"created_by": f"step {i}"} for i in range(3)],
-    }).encode()
-    blobs = [gzip.compress(tars[0]), tars[1], tars[2]]
-    sources = [LayerSource(lambda b=b: io.BytesIO(b), None, len(b)) for b in blobs]  # type: ignore[misc]
-    return store.add_image(config, sources, ["sample:v1"])
-
-
-def _view(store: Store, image_id: str, mnt: Path) -> dict[str, Any]:
-    with overlay(mnt, store.image(image_id).lowerdirs) as m:
-        return snapshot(m)
-
-
-@pytest.fixture
-def fresh(tmp_path: Path) -> Iterator[Store]:
-    yield Store(tmp_path / "fresh")
-
-
 def test_oci_layout_both_ways_through_skopeo(
     store: Store, sample: str, fresh: Store, strata: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -83,14 +48,14 @@ def test_oci_layout_both_ways_through_skopeo(
     zman = json.loads(skopeo("inspect", "--raw", f"oci:{z}:v1"))
     assert all(x["mediaType"].endswith("+zstd") for x in zman["layers"])
 
-    reference = _view(store, sample, tmp_path / "m0")
+    reference = image_view(store, sample, tmp_path / "m0")
     [(got, tags)] = image_formats.load(fresh, b)
     assert got == sample and tags == []  # skopeo keeps only the tag, not the name
-    assert _view(fresh, got, tmp_path / "m1") == reference
+    assert image_view(fresh, got, tmp_path / "m1") == reference
     fresh.remove(got)
     [(got, _)] = image_formats.load(fresh, z)
     assert got == sample and fresh.image(got).layers[0].media_type.endswith("+zstd")
-    assert _view(fresh, got, tmp_path / "m2") == reference
+    assert image_view(fresh, got, tmp_path / "m2") == reference
 
 
 def test_docker_archives_through_skopeo(
@@ -115,13 +80,16 @@ def test_docker_archives_through_skopeo(
     skopeo("copy", f"docker-archive:{classic}", f"docker-archive:{theirs}:elsewhere/sample:v2")
     [(got, tags)] = image_formats.load(fresh, theirs)
     assert got == sample and tags == ["elsewhere/sample:v2"]
-    assert _view(fresh, got, tmp_path / "m1") == _view(store, sample, tmp_path / "m0")
+    assert image_view(fresh, got, tmp_path / "m1") == image_view(store, sample, tmp_path / "m0")
 
     # Our own archives load back (the OCI form keeps the full name).
     fresh.remove(got)
     assert image_formats.load(fresh, oci_tar) == [(sample, ["sample:v1"])]
     fresh.remove(sample)
     assert strata("load", "-i", str(classic)).out == "Loaded image: sample:v1\n"
+    gz = tmp_path / "classic.tar.gz"  # `docker save IMAGE | gzip`
+    gz.write_bytes(gzip.compress(classic.read_bytes()))
+    assert image_formats.load(fresh, gz) == [(sample, ["sample:v1"])]
 
 
 def _tamper_archive(src: Path, dest: Path, member_suffix: str, offset: int) -> None:
@@ -187,11 +155,13 @@ def test_push_then_skopeo_pulls_and_strata_pulls_what_skopeo_pushed(
     skopeo("copy", "--dest-tls-verify=false", "--format", "v2s2", f"oci:{pulled_dir}:v1", f"docker://{other}")
     pulled = client.pull(fresh, other, insecure=True)
     assert pulled == sample and fresh.image(pulled).tags == [other]
-    assert _view(fresh, pulled, tmp_path / "m1") == _view(store, sample, tmp_path / "m0")
+    assert image_view(fresh, pulled, tmp_path / "m1") == image_view(store, sample, tmp_path / "m0")
     assert client.pull(fresh, f"{registry.host}/strata/sample@{digest}", insecure=True) == sample
 
     res = strata("pull", "--insecure", f"{registry.host}/missing/image:v1", check=False)
     assert res.code == 1 and "MANIFEST_UNKNOWN" in res.err
+    res = strata("pull", name, check=False)
+    assert res.code == 1 and "use --insecure" in res.err
 
 
 def test_pull_refuses_a_blob_the_registry_corrupted(
@@ -265,3 +235,19 @@ def test_cli_load_from_stdin_and_save_to_stdout(store: Store, sample: str, tmp_p
     proc = subprocess.run([strata_bin, "--root", str(other), "load", "-i", str(tmp_path / "nothing")],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.startswith("strata: ") and proc.stderr.count("\n") == 1
+
+
+def test_docker_archive_with_a_layer_tar_symlinked(fresh: Store, tmp_path: Path) -> None:
+    """docker save writes a layer it already wrote as a symlink to the first copy."""
+    layer = TarBuilder().file("same", b"same content").bytes()
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [sha256_bytes(layer)] * 2}}).encode()
+    archive = TarBuilder().dir("aaa").file("aaa/layer.tar", layer).dir("bbb")
+    archive.symlink("bbb/layer.tar", "../aaa/layer.tar").file(f"{sha256_bytes(config)[7:]}.json", config)
+    manifest = [{"Config": f"{sha256_bytes(config)[7:]}.json", "RepoTags": ["twice:1"],
+                 "Layers": ["aaa/layer.tar", "bbb/layer.tar"]}]
+    (tmp_path / "a.tar").write_bytes(archive.file("manifest.json", json.dumps(manifest).encode()).bytes())
+    [(image_id, _)] = image_formats.load(fresh, tmp_path / "a.tar")
+    layers = fresh.image(image_id).layers
+    assert len(layers) == 2 and layers[0].chain_id != layers[1].chain_id
+    assert (layers[1].diff / "same").read_bytes() == b"same content"

@@ -158,6 +158,10 @@ def test_cli_import_images_tag_inspect_history_rmi(
     assert bad.code == 1 and "no such file" in bad.err
     bad = strata("tag", "fromtar", "UPPER:case", check=False)
     assert bad.code == 1 and "invalid reference" in bad.err
+    bad = strata("save", "-o", str(tmp_path / "missing" / "x.tar"), "fromtar", check=False)
+    assert bad.code == 1 and bad.err == f"strata: {tmp_path / 'missing'}: no such directory\n"
+    bad = strata("history", "nosuchimage", check=False)
+    assert bad.code == 1 and bad.err == "strata: no such image: nosuchimage\n"
 
     out = strata("rmi", "-f", tar_id, "fromdir:1").out
     assert "Untagged: fromtar:latest" in out and f"Deleted: {dir_id}" in out
@@ -177,3 +181,33 @@ def test_held_image_survives_rmi_until_released(store: Store) -> None:
     store.release("container-1")
     assert _contents(store) == (0, 0, 0)
     store.release("container-1")  # twice is fine
+
+
+def test_crash_leftovers_are_swept_by_the_next_writer(store: Store) -> None:
+    """A writer killed mid-import leaves only a staging dir, which the next writer removes;
+    a download dir of a pull still running (not under the lock) is left alone."""
+    (store.tmp_dir / "stage-killed" / "layer" / "diff").mkdir(parents=True)
+    (store.tmp_dir / "deleting-abc").mkdir()
+    (store.tmp_dir / "download-running").mkdir()
+    store.add_image(_config(BASE), [_source(BASE)], ["after-crash"])
+    assert sorted(p.name for p in store.tmp_dir.iterdir()) == ["download-running"]
+    assert store.image(store.resolve("after-crash")).layers[0].diff.is_dir()
+
+
+def test_concurrent_imports_of_one_layer_store_it_once(store: Store, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    tar = tmp_path / "rootfs.tar"
+    tar.write_bytes(TarBuilder().dir("big").file("big/blob", os.urandom(4 << 20)).bytes())
+    strata_bin = str(Path(sys.executable).with_name("strata"))
+    procs = [
+        subprocess.Popen([strata_bin, "--root", str(store.root), "import", str(tar), f"same:{i}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(3)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], results
+    assert len(os.listdir(store.layers_dir)) == 1
+    assert {t for img in store.images() for t in img.tags} == {"same:0", "same:1", "same:2"}
+    assert [p.name for p in store.tmp_dir.iterdir()] == []

@@ -66,6 +66,8 @@ def test_copy_up_keeps_metadata_inode_and_leaves_work_clean(tmp_path: Path) -> N
     os.setxattr(f, "trusted.b", b"2")
     os.utime(f, ns=(111_000_000_000, 222_000_000_000))
     os.chmod(lower / "d", 0o705)
+    for d in ("d", "d/e"):
+        os.utime(lower / d, ns=(333_000_000_000, 444_000_000_000))
     with mounted("strata", [lower], upper, work, mnt):
         before = os.stat(mnt / "d/e/file")
         dir_ino = os.stat(mnt / "d").st_ino
@@ -83,6 +85,8 @@ def test_copy_up_keeps_metadata_inode_and_leaves_work_clean(tmp_path: Path) -> N
     ust = os.stat(upper / "d/e/file")
     assert ust.st_mtime_ns != 222_000_000_000  # it was written after the copy
     assert stat.S_IMODE(os.stat(upper / "d").st_mode) == 0o705
+    for d in ("d", "d/e"):  # copying up into a directory is no change of it
+        assert os.stat(upper / d).st_mtime_ns == 444_000_000_000, d
     assert (upper / "d/e/file").read_bytes() == b"x" * 100_000 + b"y"
     assert f.read_bytes() == b"x" * 100_000, "the lower layer must never change"
     assert os.listdir(work / "work") == []
