@@ -510,7 +510,10 @@ class Runtime:
         for i, m in enumerate(c.mounts):
             attached.append(i)
             c.update(AttachedMounts=attached)
-            binds.append(rootfs.Bind(mounts.attach(m, c.id, self.root_arg), m.Destination, not m.RW))
+            host_path = mounts.attach(m, c.id, self.root_arg)
+            if m.Type == "volume":
+                mounts.copy_image_content(rootfs.secure_join(data["MergedDir"], m.Destination), host_path)
+            binds.append(rootfs.Bind(host_path, m.Destination, not m.RW))
         limits = cgroups.Limits(hc["Memory"] or None, hc["NanoCpus"] / 1e9 or None, hc["PidsLimit"] or None)
         c.cgroup().create(limits)
         ip = ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -123,3 +124,16 @@ def detach(m: Mount, mount_id: str, root: str | None) -> None:
         VolumeManager.open(root).unmount(m.Name, mount_id)
     else:
         asyncio.run(_plugin(m.Driver, "unmount", m.Name, mount_id))
+
+
+def copy_image_content(image_dir: str, volume_path: str) -> None:
+    """docker's copy-up: an empty volume mounted over a non-empty image directory starts
+    with the image's files (owners, modes, symlinks kept)."""
+    if not os.path.isdir(image_dir) or os.path.islink(image_dir) or os.listdir(volume_path):
+        return
+    if not os.listdir(image_dir):
+        return
+    shutil.copytree(image_dir, volume_path, symlinks=True, dirs_exist_ok=True)
+    st = os.stat(image_dir)
+    os.chown(volume_path, st.st_uid, st.st_gid)
+    os.chmod(volume_path, st.st_mode & 0o7777)

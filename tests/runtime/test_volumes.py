@@ -84,3 +84,11 @@ def test_volume_driver_plugin(strata: Strata, plugin: str) -> None:
     assert any(p.name == "f" for p in served.rglob("f"))
     # the in-process manager never saw it
     assert "plugged" not in strata("volume", "ls").stdout
+
+
+def test_a_new_volume_starts_with_the_image_content(strata: Strata) -> None:
+    out = strata("run", "--rm", "-v", "etcvol:/etc", IMAGE, "sh", "-c", "cat /etc/motd; echo mine > /etc/new")
+    assert out.stdout == "image motd\n"
+    out = strata("run", "--rm", "-v", "etcvol:/etc", IMAGE, "cat", "/etc/new", "/etc/motd").stdout
+    assert out == "mine\nimage motd\n"
+    strata("volume", "rm", "etcvol")
