@@ -38,6 +38,9 @@ def test_exec_joins_a_running_container(strata: Strata) -> None:
     assert any(line.split()[:3] == ["1", "sleep", "300"] for line in lines)
     assert strata("exec", "host1", "sh", "-c", "exit 5", check=False).returncode == 5
     assert strata("exec", "-i", "host1", "cat", input="piped\n").stdout == "piped\n"
+    assert "on a tty" in strata("exec", "-t", "host1", "sh", "-c", "test -t 0 && echo on a tty").stdout
+    as_nobody = strata("exec", "-u", "nobody", "-w", "/tmp", "host1", "sh", "-c", "id -u; pwd")
+    assert as_nobody.stdout == "65534\n/tmp\n"
     top = strata("top", "host1").stdout
     assert "sleep 300" in top
     ps = json.loads(strata("ps", "--format", "json").stdout)
