@@ -180,11 +180,12 @@ class Runtime:
     """All containers of a state root."""
 
     def __init__(self, root: str | None = None) -> None:
-        self.root_arg = root
-        self.root = state_root(root)
+        # Absolute: a detached monitor leaves the caller's working directory.
+        self.root = state_root(root).absolute()
+        self.root_arg = str(self.root)
         self.containers_dir = self.root / "containers"
         self.containers_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(root)
+        self.store = Store(self.root_arg)
 
     # --- records ---------------------------------------------------------------------
 
@@ -399,6 +400,7 @@ class Runtime:
                 os.setsid()
                 if os.fork() != 0:
                     os._exit(0)
+                os.chdir("/")  # a daemon must not keep the caller's directory (or its mount) busy
                 devnull = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(devnull, fd)
