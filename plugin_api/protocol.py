@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from unionfs.errors import StrataError
+
+# Where Docker looks for plugins, and the name strata's own plugin goes by.
+DEFAULT_NAME = "strata"
+SOCKET_DIR = Path("/run/docker/plugins")
+SPEC_DIR = Path("/etc/docker/plugins")
 
 ACCEPT = "application/vnd.docker.plugins.v1.2+json"
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"

@@ -25,12 +25,9 @@ from volumes import VolumeManager
 from volumes.state import write_atomic
 
 from . import protocol as p
+from .protocol import SOCKET_DIR, SPEC_DIR
 
 log = logging.getLogger("strata.plugin")
-
-DEFAULT_NAME = "strata"
-SOCKET_DIR = Path("/run/docker/plugins")
-SPEC_DIR = Path("/etc/docker/plugins")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 

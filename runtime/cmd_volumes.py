@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from plugin_api.server import DEFAULT_NAME, SOCKET_DIR, SPEC_DIR, PluginService, spec_path_for
+from plugin_api.protocol import DEFAULT_NAME, SOCKET_DIR, SPEC_DIR
 from unionfs.errors import StrataError
 from volumes import Volume, VolumeManager
 
@@ -108,6 +108,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # aiohttp is a third of a second to import: only the server pays for it, not every CLI call.
+    from plugin_api.server import PluginService, spec_path_for
+
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, format="strata serve: %(levelname)s %(message)s"
     )
