@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -800,6 +801,12 @@ class Runtime:
                 done.append(f"container {c.name}: monitor gone, stopped and cleaned up")
             elif st["Status"] in ("starting", "running", "paused"):
                 live.add(c.id)
+                if not rootfs_alive(c.rec["GraphDriver"]["Data"]["MergedDir"]) and c.process_alive():
+                    # its strata-unionfs daemon died: the container cannot go on; its monitor cleans up
+                    c.cgroup().thaw() if c.cgroup().frozen() else None
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(st["Pid"], signal.SIGKILL)
+                    done.append(f"container {c.name}: its root filesystem daemon died, container killed")
         known = {c.id for c in self.all()}
         for _src, target, fstype, _ in list_mounts(self.containers_dir):
             cid = Path(target).parent.name
@@ -825,6 +832,16 @@ def list_mounts(under: Path) -> list[tuple[str, str, str, str]]:
 
     prefix = str(under) + "/"
     return [m for m in kernel_mounts() if m[1].startswith(prefix)]
+
+
+def rootfs_alive(path: str) -> bool:
+    """False when the FUSE daemon behind a mounted root is gone (ENOTCONN). statfs, because
+    it always reaches the daemon; a stat could be answered from cached attributes."""
+    try:
+        os.statvfs(path)
+    except OSError as e:
+        return e.errno != errno.ENOTCONN
+    return True
 
 
 def unmount_rootfs(path: str) -> list[str]:

@@ -162,3 +162,24 @@ def test_kernel_overlay_storage_driver_for_comparison(strata: Strata) -> None:
     assert strata("run", "--rm", "kov:1", "cat", "/k").stdout == "k\n"
     strata("rm", "kov")
     strata("rmi", "kov:1")
+
+
+def test_prune_after_kill_9_of_the_rootfs_daemon(strata: Strata) -> None:
+    cid = strata.run_d("--name", "fsdead", IMAGE, "sleep", "300")
+    merged = strata.inspect(cid)["GraphDriver"]["Data"]["MergedDir"]
+    daemons = [int(p) for p in os.listdir("/proc") if p.isdigit() and _cmdline(int(p)).endswith(" " + merged)]
+    assert len(daemons) == 1, daemons
+    os.kill(daemons[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while "fsdead" not in strata("system", "prune").stdout:
+        assert time.monotonic() < deadline, "prune never noticed the dead root filesystem"
+        time.sleep(0.2)
+    assert strata("wait", "fsdead").stdout.strip() == "137"
+    assert merged not in Path("/proc/self/mounts").read_text()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
