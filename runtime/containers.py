@@ -494,8 +494,8 @@ class Runtime:
             pump.add_output(fd, stream)
         if stdin_w is not None and attach:
             pump.add_input(sys.stdin.fileno(), stdin_w, close_dst=not cfg["Tty"])
-        if attach:
-            process.forward_signals(spawned.pid) if not cfg["Tty"] else None
+        if attach and not cfg["Tty"]:
+            process.forward_signals(spawned.pid)
         with process.raw_terminal(attach and cfg["Tty"]):
             code = pump.run(spawned.helper)
         log.close()
@@ -656,7 +656,8 @@ class Runtime:
         if c.status() in ("running", "paused"):
             if not force:
                 raise StrataError(f"container {c.name} is running: stop it first or use --force")
-            c.cgroup().thaw() if c.status() == "paused" else None
+            if c.status() == "paused":
+                c.cgroup().thaw()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(c.state["Pid"], signal.SIGKILL)
             self.wait(c)
@@ -803,7 +804,8 @@ class Runtime:
                 live.add(c.id)
                 if not rootfs_alive(c.rec["GraphDriver"]["Data"]["MergedDir"]) and c.process_alive():
                     # its strata-unionfs daemon died: the container cannot go on; its monitor cleans up
-                    c.cgroup().thaw() if c.cgroup().frozen() else None
+                    if c.cgroup().frozen():
+                        c.cgroup().thaw()
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(st["Pid"], signal.SIGKILL)
                     done.append(f"container {c.name}: its root filesystem daemon died, container killed")
