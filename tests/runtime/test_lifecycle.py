@@ -28,6 +28,8 @@ def test_logs_are_complete_after_exit(strata: Strata) -> None:
     assert res.stdout.split() == [str(i) for i in range(1, 20001)]
     assert res.stderr == "done\n"
     assert strata("logs", "-f", "counter").stdout == res.stdout
+    strata.run_d("--name", "slow", IMAGE, "sh", "-c", "for i in 1 2 3 4; do echo $i; sleep 0.3; done")
+    assert strata("logs", "-f", "slow").stdout == "1\n2\n3\n4\n"  # follows until the exit
 
 
 def test_exec_joins_a_running_container(strata: Strata) -> None:
