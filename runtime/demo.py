@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -31,7 +32,7 @@ def say(text: str) -> None:
 def strata(root: Path, *args: str, show: bool = True) -> str:
     """Run the CLI as a user would, echoing the command and its output."""
     if show:
-        print(f"$ strata {' '.join(args)}", flush=True)
+        print(f"$ strata {shlex.join(args)}", flush=True)
     res = subprocess.run([STRATA, "--root", str(root), *args], capture_output=True, text=True)
     if show and res.stdout:
         print(res.stdout, end="", flush=True)
