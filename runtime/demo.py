@@ -87,8 +87,8 @@ def main() -> int:
         say("run a container: rootfs on strata-unionfs, a strata volume at /data")
         cid = strata(root, "run", "-d", "--name", "demo", "--network", "none", "--hostname", "demo",
                      "-v", "demo-data:/data", "busybox", "sh", "-c",
-                     "echo 'written in the container layer' > /hello.txt; rm /etc/motd; "
-                     "echo 'written to the volume' > /data/note.txt; echo ready; sleep 300").strip()
+                     'echo "written in the container layer" > /hello.txt; rm /etc/motd; '
+                     'echo "written to the volume" > /data/note.txt; echo ready; sleep 300').strip()
         for _ in range(100):
             if "ready" in strata(root, "logs", "demo", show=False):
                 break
@@ -99,7 +99,7 @@ def main() -> int:
         fstype = next(t for _, m, t, _ in mounts() if m == merged)
         print(f"the container's / is a {fstype} mount at {merged}")
         strata(root, "exec", "demo", "sh", "-c",
-               "echo \"PID 1: $(cat /proc/1/cmdline | tr '\\0' ' ')\"; hostname; "
+               'echo "PID 1 is: $(cat /proc/1/cmdline | tr "\\0" " ")"; hostname; '
                "cat /hello.txt /data/note.txt")
 
         say("what changed: `strata diff` reads the container layer")
