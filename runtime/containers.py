@@ -818,6 +818,8 @@ class Runtime:
             if not any(cid.startswith(prefix) for cid in live):
                 network.remove_veth(prefix)
                 done.append(f"removed veth vs{prefix}")
+        if network.remove_unused_bridge():
+            done.append(f"removed the unused bridge {network.BRIDGE}")
         for cg in cgroups.leftovers():
             if cg.name not in live:
                 cg.destroy()

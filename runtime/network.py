@@ -164,6 +164,19 @@ def remove_veth(container_id: str, ipr: IPRoute | None = None) -> bool:
             ipr.close()
 
 
+def remove_unused_bridge() -> bool:
+    """Delete the bridge when no veth is attached to it any more (of any state root)."""
+    with _iproute() as ipr:
+        idx = ipr.link_lookup(ifname=BRIDGE)
+        if not idx:
+            return False
+        if any(link.get_attr("IFLA_MASTER") == idx[0] for link in ipr.get_links()):
+            return False
+        with contextlib.suppress(_netlink_error()):
+            ipr.link("del", index=idx[0])
+        return True
+
+
 def leftover_veths() -> list[str]:
     """Container ids (10-hex prefixes) of the host ends of strata veths present now."""
     with _iproute() as ipr:

@@ -93,7 +93,8 @@ def _leftovers(root: Path, netns: str, ids: set[str]) -> list[str]:
     found = [f"mount {t}" for _, t, _, _ in mounts() if t.startswith(str(root) + "/")]
     links = subprocess.run(["ip", "netns", "exec", netns, "ip", "-o", "link"], capture_output=True,
                            text=True).stdout
-    found += [f"veth {line.split(':')[1].strip()}" for line in links.splitlines() if ": vs" in line]
+    found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines()
+              if ": vs" in line or ": strata0" in line]
     for cg in cgroups.leftovers():
         if cg.name in ids:
             found.append(f"cgroup {cg.version} {cg.name}")

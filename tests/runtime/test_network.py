@@ -40,10 +40,10 @@ def test_published_port_answers_through_loopback(strata: Strata) -> None:
 def test_none_host_and_container_modes(strata: Strata) -> None:
     out = strata("run", "--rm", "--network", "none", IMAGE, "ip", "-o", "link").stdout
     assert [line.split(":")[1].strip() for line in out.splitlines()] == ["lo"]
-    out = strata("run", "--rm", "--network", "host", IMAGE, "ip", "-o", "link").stdout
-    assert "strata0" in out  # the session namespace's bridge: host mode sees the host's links
     strata.run_d("--name", "netowner", IMAGE, "sleep", "300")
     ip = strata.inspect("netowner")["NetworkSettings"]["IPAddress"]
+    out = strata("run", "--rm", "--network", "host", IMAGE, "ip", "-o", "link").stdout
+    assert "strata0" in out  # the test namespace's bridge: host mode sees the host's links
     out = strata("run", "--rm", "--network", "container:netowner", IMAGE, "ip", "-o", "addr").stdout
     assert ip in out
 
