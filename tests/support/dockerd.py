@@ -27,7 +27,8 @@ As a pytest fixture (in your own conftest.py)::
 private DOCKER_CONFIG), ``root`` (the temp dir holding data root, exec root,
 pid file and ``dockerd.log``), ``host`` (the socket URL). ``d.docker(*args,
 check=True, timeout=120, input=None)`` runs the CLI and returns the
-CompletedProcess (text mode); ``--pull=never`` is added to ``run``/``create``.
+CompletedProcess (text mode), raising DockerCommandError (stderr in its message)
+on failure; ``--pull=never`` is added to ``run``/``create``.
 ``d.log_tail()`` returns the end of the daemon log (also printed to stderr when
 the ``with`` body raises).
 
@@ -68,6 +69,13 @@ _STOP_TIMEOUT = 30.0
 
 class DockerdError(RuntimeError):
     """dockerd could not be started (the message carries the end of its log)."""
+
+
+class DockerCommandError(subprocess.CalledProcessError):
+    """A failed docker CLI call; str() includes its stderr so test failures say why."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstderr: {self.stderr.strip()}"
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -127,7 +135,7 @@ class Dockerd:
             timeout=timeout, input=input,
         )
         if check and res.returncode != 0:
-            raise subprocess.CalledProcessError(res.returncode, res.args, res.stdout, res.stderr)
+            raise DockerCommandError(res.returncode, res.args, res.stdout, res.stderr)
         return res
 
     def log_tail(self, lines: int = 40) -> str:
