@@ -131,6 +131,20 @@ def test_service_restart_while_container_runs(docker: Dockerd, service: Service)
     assert status(service, "dv1")["MountCount"] == 0  # Docker's Unmount reached the restarted service
 
 
+def test_clone_volume_in_a_container(docker: Dockerd, service: Service, env: Env) -> None:
+    docker.docker("volume", "create", "-d", PLUGIN, "-o", "type=clone", "-o", "from=dv1", "dclone")
+    out = docker.docker("run", "--rm", "-v", "dclone:/c", IMAGE, "sh", "-c",
+                        "cat /c/seed; echo clone-only > /c/seed; rm /c/new; grep ' /c ' /proc/mounts").stdout
+    assert out.startswith("from the image\n") and "fuse" in out
+    data = env.root / "volumes" / "dv1" / "_data"
+    assert (data / "seed").read_text() == "from the image\n" and (data / "new").exists()  # source untouched
+    out = docker.docker("run", "--rm", "-v", "dclone:/c", IMAGE, "sh", "-c", "cat /c/seed; ls /c").stdout
+    assert out.split() == ["clone-only", "b", "log", "seed"]
+    res = docker.docker("volume", "rm", "dv1", check=False)
+    assert res.returncode != 0 and "cloned by dclone" in res.stderr
+    docker.docker("volume", "rm", "dclone")
+
+
 def test_dockerd_restart_keeps_volumes_with_the_plugin(docker: Dockerd, service: Service, env: Env) -> None:
     docker.docker("volume", "create", "-d", PLUGIN, "-o", "type=tmpfs", "survivor")
     docker.docker("run", "-d", "--stop-timeout", "1", "--name", "across", "-v", "dv1:/data", IMAGE,
