@@ -203,9 +203,8 @@ class VolumeManager:
                     rec = self.store.load(name)
                     if rec is None or rec.refs or self._dependents(name):
                         continue
-                    size = int(self._volume(rec, with_status=True).status.get("Size") or 0)
-                    if rec.type == "bind":
-                        size = 0  # the host directory stays
+                    # A bind volume's host directory stays; an uncounted size counts as 0.
+                    size = 0 if rec.type == "bind" else max(0, self._volume(rec, True).status.get("Size", 0))
                     self._remove_locked(rec)
                     removed.append((name, size))
                     progress = True

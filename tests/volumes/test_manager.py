@@ -11,6 +11,7 @@ import pytest
 from unionfs import kernel
 from unionfs.errors import StrataError
 from volumes import NoSuchVolume, VolumeManager
+from volumes.usage import UNKNOWN, tree_size
 
 from .conftest import Env
 
@@ -212,3 +213,13 @@ def test_unmount_releases_even_when_busy(manager: VolumeManager) -> None:
         os.close(fd)
     assert not kernel.is_mountpoint(mp)
     assert manager.get("held").status["MountCount"] == 0
+
+
+def test_size_walk_has_a_budget(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    for i in range(20):
+        (tmp_path / "d" / str(i)).write_bytes(b"ab")
+    os.link(tmp_path / "d" / "0", tmp_path / "hardlink")  # counted once
+    assert tree_size(tmp_path) == 40
+    assert tree_size(tmp_path, budget=10) == UNKNOWN
+    assert tree_size(tmp_path / "missing") == 0
