@@ -156,18 +156,23 @@ class PluginService:
     async def start(self) -> None:
         for line in await asyncio.to_thread(self.manager.recover):
             log.warning("recovery: %s", line)
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        _claim_socket(self.socket_path)
         self._runner = web.AppRunner(VolumePlugin(self.manager).app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        old = os.umask(0o177)  # the socket is born 0600: Docker runs as root, nobody else may mount
         try:
-            await web.UnixSite(self._runner, str(self.socket_path)).start()
-        finally:
-            os.umask(old)
-        if self.spec_path is not None:
-            self.spec_path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.spec_path, f"unix://{self.socket_path}\n".encode())
+            self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+            _claim_socket(self.socket_path)
+            old = os.umask(0o177)  # the socket is born 0600: Docker runs as root, nobody else may mount
+            try:
+                await web.UnixSite(self._runner, str(self.socket_path)).start()
+            finally:
+                os.umask(old)
+            if self.spec_path is not None:
+                self.spec_path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(self.spec_path, f"unix://{self.socket_path}\n".encode())
+        except OSError as e:
+            await self._runner.cleanup()
+            self._runner = None
+            raise StrataError(f"cannot serve on {self.socket_path}: {e.strerror or e}") from None
         log.info("serving the VolumeDriver protocol on %s", self.socket_path)
 
     async def stop(self) -> None:

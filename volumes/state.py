@@ -125,7 +125,10 @@ class VolumeStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise StrataError(f"cannot use volume state directory {root}: {e.strerror}") from None
 
     def volume_dir(self, name: str) -> Path:
         return self.root / check_name(name)
