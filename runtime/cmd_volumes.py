@@ -82,7 +82,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     mgr, failed = _manager(args), False
     for name in args.names:
         try:
-            mgr.remove(name)
+            mgr.remove(name, force=args.force)
             print(name)
         except StrataError as e:
             print(f"strata: {e}", file=sys.stderr)
@@ -150,6 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = vsub.add_parser("rm", aliases=["remove"], parents=[config], help="remove unused volumes")
     p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="remove even with mount references (ones a crashed client never released)")
     p.set_defaults(func=cmd_rm)
 
     p = vsub.add_parser("prune", parents=[config], help="remove all volumes nothing has mounted")

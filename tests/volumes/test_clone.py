@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 from pathlib import Path
 
@@ -107,5 +108,27 @@ def test_clone_remounted_after_kill9_and_reboot(env: Env, service: Service, sour
     assert Path(mp, "keep.txt").read_text() == "original\n"
     st = service.call("/VolumeDriver.Get", {"Name": "cl"})["Volume"]["Status"]
     assert "mounted again on recovery" in st["Note"] and "lost" not in st["Note"]
+    # The FUSE daemon dies: the mount answers ENOTCONN; a restart mounts it afresh.
+    daemon = fuse_daemon(Path(mp))
+    os.kill(daemon, signal.SIGKILL)
+    with pytest.raises(OSError):
+        os.listdir(mp)
+    service.stop()
+    service.start()
+    assert Path(mp, "written").read_text() == "kept in the upper\n"
+    assert fuse_daemon(Path(mp)) != daemon
     assert service.call("/VolumeDriver.Unmount", {"Name": "cl", "ID": "a" * 64}) == {}
     assert not kernel.is_mountpoint(mp)
+
+
+def fuse_daemon(mountpoint: Path) -> int:
+    """The strata-unionfs process serving mountpoint (its command line ends with it)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(b"strata-unionfs" in a for a in argv[:2]) and str(mountpoint).encode() in argv:
+                return int(entry.name)
+    raise AssertionError(f"no strata-unionfs process for {mountpoint}")

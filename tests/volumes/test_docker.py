@@ -169,6 +169,28 @@ def test_dockerd_restart_keeps_volumes_with_the_plugin(docker: Dockerd, service:
     assert not any(t.startswith(str(env.root)) for _, t, _, _ in kernel.mounts())
 
 
+def test_reboot_does_not_leave_references_behind(docker: Dockerd, service: Service, env: Env) -> None:
+    """A power cut kills Docker and its containers without any Unmount; after the reboot Docker
+    mounts again with the container's old mount ID. References from the earlier boot must not
+    count, or the volume would stay "in use" for ever."""
+    docker.docker("volume", "create", "-d", PLUGIN, "rb")
+    docker.docker("run", "-d", "--name", "victim", "-v", "rb:/data", IMAGE, "sleep", "600")
+    assert status(service, "rb")["MountCount"] == 1
+    docker.crash()
+    service.stop()
+    # The reboot: the kernel's boot id changes (records remember the one of their references).
+    record = env.root / "volumes" / "rb" / "volume.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "Boot": "the-boot-before"}))
+    service.start()
+    docker.start()
+    assert status(service, "rb")["MountCount"] == 0
+    docker.docker("start", "victim")
+    assert status(service, "rb")["MountCount"] == 1
+    docker.docker("rm", "-f", "victim")
+    assert status(service, "rb")["MountCount"] == 0
+    docker.docker("volume", "rm", "rb")
+
+
 def test_spec_file_discovery(env: Env, docker: Dockerd, tmp_path: Path) -> None:
     """A socket outside /run/docker/plugins is found through /etc/docker/plugins/NAME.spec."""
     name = "stratatestspec"
