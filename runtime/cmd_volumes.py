@@ -48,6 +48,10 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return "-" if n < 0 else human_size(n)  # -1: not counted (too many entries, image not mounted)
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     vols = _manager(args).list_volumes(with_status=not args.quiet)
     if args.quiet:
@@ -58,7 +62,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     else:
         print_table(
             ["VOLUME NAME", "TYPE", "MOUNTS", "SIZE", "CREATED"],
-            [[v.name, v.type, v.status["MountCount"], human_size(v.status.get("Size") or 0), v.created_at]
+            [[v.name, v.type, v.status["MountCount"], _size(v.status.get("Size", 0)), v.created_at]
              for v in vols],
         )
     return 0

@@ -100,7 +100,7 @@ class VolumeManager:
         if with_status:
             vol.status = {
                 "Type": rec.type,
-                "Mounted": drv.is_provisioned(rec, vdir) if drv.mounts else rec.refs > 0,
+                "Mounted": drv.is_provisioned(rec, vdir) if drv.mounts_on_use(rec) else rec.refs > 0,
                 "MountCount": rec.refs,
                 "MountIDs": len(rec.mounts),
                 **drv.status(rec, vdir),
@@ -244,7 +244,7 @@ class VolumeManager:
                     self.store.save(rec)
                     report.append(f"volume {name}: {rec.note}")
                 drv, vdir = driver_for(rec.type), self.store.volume_dir(name)
-                if not drv.mounts:
+                if not drv.mounts_on_use(rec):
                     continue
                 if rec.refs and not drv.is_provisioned(rec, vdir):
                     try:

@@ -85,6 +85,18 @@ def test_run_copies_image_content_in(docker: Dockerd, env: Env, service: Service
     assert status(service, "dv1")["MountCount"] == 0
 
 
+def test_size_limited_local_volume(docker: Dockerd, env: Env, service: Service) -> None:
+    docker.docker("volume", "create", "-d", PLUGIN, "-o", "size=16m", "dquota")
+    out = docker.docker("run", "--rm", "-v", "dquota:/data", IMAGE, "sh", "-c",
+                        "cat /data/seed; grep ' /data ' /proc/mounts | cut -d' ' -f3;"
+                        "dd if=/dev/zero of=/data/fill bs=1M count=32 2>&1 | grep -c 'No space'").stdout
+    assert out.split("\n")[:3] == ["from the image", "ext4", "1"]  # copied in; limit enforced
+    assert status(service, "dquota")["MountCount"] == 0
+    out = docker.docker("run", "--rm", "-v", "dquota:/data", IMAGE, "ls", "/data").stdout
+    assert out.split() == ["fill", "seed"]  # kept in the image between mounts
+    docker.docker("volume", "rm", "dquota")
+
+
 def test_run_on_path_missing_from_image_and_tmpfs(docker: Dockerd, service: Service) -> None:
     out = docker.docker("run", "--rm", "-v", "dv2:/fresh", "--volume-driver", PLUGIN, IMAGE, "sh", "-c",
                         "echo hi > /fresh/f && cat /fresh/f && ls /fresh").stdout

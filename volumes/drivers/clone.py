@@ -49,7 +49,6 @@ def _layer_option(layers: list[Path]) -> str:
 class CloneDriver(Driver):
     type = "clone"
     accepted = frozenset({"from", "uid", "gid", "mode"})
-    mounts = True
 
     def validate(self, name: str, opts: dict[str, str], ctx: DriverContext) -> dict[str, str]:
         if "from" not in opts:
@@ -63,6 +62,9 @@ class CloneDriver(Driver):
             (staging / sub).mkdir(mode=0o755)
         if {"uid", "gid", "mode"} & set(rec.options):
             set_owner_and_mode(staging / UPPER, *owner_and_mode(rec.options, 0o755))
+
+    def mounts_on_use(self, rec: VolumeRecord) -> bool:
+        return True
 
     def is_provisioned(self, rec: VolumeRecord, vdir: Path) -> bool:
         """Mounted and answering: a FUSE mount whose daemon died fails with ENOTCONN
