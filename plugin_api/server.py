@@ -79,11 +79,11 @@ class VolumePlugin:
     async def get(self, body: dict[str, Any]) -> dict[str, Any]:
         req = p.NameRequest.parse(body)
         vol = await asyncio.to_thread(self.manager.get, req.name)
-        return {"Volume": vol.to_docker()}
+        return {"Volume": p.volume_object(vol)}
 
     async def list(self, body: dict[str, Any]) -> dict[str, Any]:
         vols = await asyncio.to_thread(self.manager.list_volumes)
-        return {"Volumes": [v.to_docker() for v in vols]}
+        return {"Volumes": [p.volume_object(v) for v in vols]}
 
     async def handle(self, request: web.Request) -> web.Response:
         endpoint = request.path

@@ -44,15 +44,6 @@ class Volume:
     labels: dict[str, str]
     status: dict[str, Any] = field(default_factory=dict)
 
-    def to_docker(self) -> dict[str, Any]:
-        """The `Volume` object of the VolumeDriver protocol (Get, List)."""
-        out: dict[str, Any] = {
-            "Name": self.name, "Mountpoint": str(self.mountpoint), "CreatedAt": self.created_at,
-        }
-        if self.status:
-            out["Status"] = self.status
-        return out
-
 
 def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     clean = dict(labels or {})

@@ -28,7 +28,7 @@ def test_local_volume_lifecycle(manager: VolumeManager) -> None:
     (vol.mountpoint / "f").write_bytes(b"x" * 1000)
     got = manager.get("data1")
     assert got.status["Size"] == 1000 and got.status["MountCount"] == 0
-    assert got.to_docker()["Name"] == "data1" and got.to_docker()["CreatedAt"].endswith("Z")
+    assert got.name == "data1" and got.created_at.endswith("Z")
     assert [v.name for v in manager.list_volumes()] == ["data1"]
     manager.remove("data1")
     assert not vol.mountpoint.exists()
