@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,14 @@ async def _read_limited(request: web.Request) -> bytes:
 
 
 def _claim_socket(path: Path) -> None:
-    """Remove a stale socket left by a killed server; refuse if a live one answers."""
-    if not path.exists() and not path.is_symlink():
+    """Remove a stale socket left by a killed server; refuse if a live one answers, and
+    never remove anything that is not a socket."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StrataError(f"{path} exists and is not a socket; refusing to replace it")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(str(path))

@@ -174,6 +174,15 @@ def test_client_discovery_and_calls(service: Service, tmp_path: Path) -> None:
     asyncio.run(go())
 
 
+def test_serve_never_replaces_a_non_socket(env: Env, tmp_path: Path) -> None:
+    victim = tmp_path / "precious"
+    victim.write_text("keep me")
+    res = env.strata("serve", "--config", str(env.config), "--socket", str(victim),
+                     "--spec-dir", str(tmp_path), check=False)
+    assert res.returncode == 1 and "is not a socket" in res.stderr
+    assert victim.read_text() == "keep me"
+
+
 def test_second_server_on_same_socket_refused(service: Service, env: Env) -> None:
     res = env.strata("serve", "--config", str(env.config), "--socket", str(service.socket),
                      "--spec-dir", str(service.spec_dir), check=False)
