@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -115,6 +116,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, format="strata serve: %(levelname)s %(message)s"
     )
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", args.name):
+        raise StrataError(f"invalid plugin name {args.name!r}: letters, digits, '_', '.', '-' only")
     socket_path = Path(args.socket) if args.socket else SOCKET_DIR / f"{args.name}.sock"
     if not socket_path.is_absolute():
         raise StrataError(f"--socket must be an absolute path, not {args.socket}")
