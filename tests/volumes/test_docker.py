@@ -157,6 +157,21 @@ def test_clone_volume_in_a_container(docker: Dockerd, service: Service, env: Env
     docker.docker("volume", "rm", "dclone")
 
 
+def test_docker_waits_for_a_restarting_service(docker: Dockerd, service: Service) -> None:
+    """Docker retries a plugin that is down for about 15 s: a `docker run` issued while the
+    service restarts succeeds once it is back."""
+    service.stop()
+    run = subprocess.Popen(
+        [docker.docker_bin, "run", "--pull=never", "--rm", "-v", "dv2:/v", IMAGE, "cat", "/v/f"],
+        env=docker.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(2)
+    service.start()
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert out == "hi\n"
+
+
 def test_dockerd_restart_keeps_volumes_with_the_plugin(docker: Dockerd, service: Service, env: Env) -> None:
     docker.docker("volume", "create", "-d", PLUGIN, "-o", "type=tmpfs", "survivor")
     docker.docker("run", "-d", "--stop-timeout", "1", "--name", "across", "-v", "dv1:/data", IMAGE,
