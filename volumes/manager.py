@@ -153,7 +153,8 @@ class VolumeManager:
     def _locked(self, name: str) -> Iterator[tuple[VolumeRecord, Driver, Path]]:
         """One volume under its own lock, while no create/remove runs (they take lock_all)."""
         with self.store.lock_all(exclusive=False):
-            self._load(name)
+            if not self.store.exists(name):
+                raise NoSuchVolume(name)
             with self.store.lock_volume(name):
                 rec = self._load(name)
                 yield rec, driver_for(rec.type), self.store.volume_dir(name)

@@ -150,6 +150,9 @@ class VolumeStore:
     def lock_volume(self, name: str) -> contextlib.AbstractContextManager[None]:
         return _flock(self.volume_dir(name) / "lock", True)
 
+    def exists(self, name: str) -> bool:
+        return (self.volume_dir(name) / RECORD).exists()
+
     def names(self) -> list[str]:
         return sorted(e.name for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_dir())
 
