@@ -143,6 +143,20 @@ def _claim_socket(path: Path) -> None:
     raise StrataError(f"another server is already listening on {path}")
 
 
+def _notify_systemd(message: bytes) -> None:
+    """sd_notify(3) for Type=notify units: dockerd, ordered after us, starts only once we listen."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # abstract namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message, addr)
+        except OSError as e:
+            log.warning("cannot notify systemd at %s: %s", addr, e)
+
+
 def spec_path_for(name: str, socket_path: Path, spec_dir: Path = SPEC_DIR) -> Path | None:
     """Docker finds NAME.sock in /run/docker/plugins by itself; anywhere else it needs a spec file."""
     return None if socket_path == SOCKET_DIR / f"{name}.sock" else spec_dir / f"{name}.spec"
@@ -180,6 +194,7 @@ class PluginService:
             self._runner = None
             raise StrataError(f"cannot serve on {self.socket_path}: {e.strerror or e}") from None
         log.info("serving the VolumeDriver protocol on %s", self.socket_path)
+        _notify_systemd(b"READY=1")
 
     async def stop(self) -> None:
         if self._runner is not None:
