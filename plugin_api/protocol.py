@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from unionfs.errors import StrataError
+from volumes import Volume
+
+# Where Docker looks for plugins, and the name strata's own plugin goes by.
+DEFAULT_NAME = "strata"
+SOCKET_DIR = Path("/run/docker/plugins")
+SPEC_DIR = Path("/etc/docker/plugins")
 
 ACCEPT = "application/vnd.docker.plugins.v1.2+json"
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
@@ -94,6 +101,14 @@ class MountRequest:
     @classmethod
     def parse(cls, body: dict[str, Any]) -> MountRequest:
         return cls(_field(body, "Name"), _field(body, "ID"))
+
+
+def volume_object(vol: Volume) -> dict[str, Any]:
+    """The `Volume` object of Get (with Status) and List (without)."""
+    out: dict[str, Any] = {"Name": vol.name, "Mountpoint": str(vol.mountpoint), "CreatedAt": vol.created_at}
+    if vol.status:
+        out["Status"] = vol.status
+    return out
 
 
 def error(message: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,9 @@ from volumes import VolumeManager
 from volumes.state import write_atomic
 
 from . import protocol as p
+from .protocol import SOCKET_DIR, SPEC_DIR
 
 log = logging.getLogger("strata.plugin")
-
-DEFAULT_NAME = "strata"
-SOCKET_DIR = Path("/run/docker/plugins")
-SPEC_DIR = Path("/etc/docker/plugins")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -79,11 +77,11 @@ class VolumePlugin:
     async def get(self, body: dict[str, Any]) -> dict[str, Any]:
         req = p.NameRequest.parse(body)
         vol = await asyncio.to_thread(self.manager.get, req.name)
-        return {"Volume": vol.to_docker()}
+        return {"Volume": p.volume_object(vol)}
 
     async def list(self, body: dict[str, Any]) -> dict[str, Any]:
         vols = await asyncio.to_thread(self.manager.list_volumes)
-        return {"Volumes": [v.to_docker() for v in vols]}
+        return {"Volumes": [p.volume_object(v) for v in vols]}
 
     async def handle(self, request: web.Request) -> web.Response:
         endpoint = request.path
@@ -125,9 +123,14 @@ async def _read_limited(request: web.Request) -> bytes:
 
 
 def _claim_socket(path: Path) -> None:
-    """Remove a stale socket left by a killed server; refuse if a live one answers."""
-    if not path.exists() and not path.is_symlink():
+    """Remove a stale socket left by a killed server; refuse if a live one answers, and
+    never remove anything that is not a socket."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StrataError(f"{path} exists and is not a socket; refusing to replace it")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(str(path))
@@ -135,6 +138,20 @@ def _claim_socket(path: Path) -> None:
             path.unlink()
             return
     raise StrataError(f"another server is already listening on {path}")
+
+
+def _notify_systemd(message: bytes) -> None:
+    """sd_notify(3) for Type=notify units: dockerd, ordered after us, starts only once we listen."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # abstract namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message, addr)
+        except OSError as e:
+            log.warning("cannot notify systemd at %s: %s", addr, e)
 
 
 def spec_path_for(name: str, socket_path: Path, spec_dir: Path = SPEC_DIR) -> Path | None:
@@ -156,19 +173,25 @@ class PluginService:
     async def start(self) -> None:
         for line in await asyncio.to_thread(self.manager.recover):
             log.warning("recovery: %s", line)
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        _claim_socket(self.socket_path)
         self._runner = web.AppRunner(VolumePlugin(self.manager).app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        old = os.umask(0o177)  # the socket is born 0600: Docker runs as root, nobody else may mount
         try:
-            await web.UnixSite(self._runner, str(self.socket_path)).start()
-        finally:
-            os.umask(old)
-        if self.spec_path is not None:
-            self.spec_path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.spec_path, f"unix://{self.socket_path}\n".encode())
+            self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+            _claim_socket(self.socket_path)
+            old = os.umask(0o177)  # the socket is born 0600: Docker runs as root, nobody else may mount
+            try:
+                await web.UnixSite(self._runner, str(self.socket_path)).start()
+            finally:
+                os.umask(old)
+            if self.spec_path is not None:
+                self.spec_path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(self.spec_path, f"unix://{self.socket_path}\n".encode())
+        except OSError as e:
+            await self._runner.cleanup()
+            self._runner = None
+            raise StrataError(f"cannot serve on {self.socket_path}: {e.strerror or e}") from None
         log.info("serving the VolumeDriver protocol on %s", self.socket_path)
+        _notify_systemd(b"READY=1")
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.output import Progress, human_size, print_json, print_table
-from unionfs import dedup, image_formats, registry
+from unionfs import dedup, image_formats
 from unionfs.errors import StrataError
 from unionfs.store import Image, Store
 
@@ -244,6 +244,8 @@ def _transfer_progress(label: str) -> tuple[Progress, Callable[[int, int], None]
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from unionfs import registry  # aiohttp: imported only by the commands that talk HTTP
+
     bar, report = _transfer_progress(f"pulling {args.reference}")
     with bar:
         image_id = registry.pull(_store(args), args.reference, insecure=args.insecure, progress=report)
@@ -252,6 +254,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from unionfs import registry  # aiohttp: imported only by the commands that talk HTTP
+
     bar, report = _transfer_progress(f"pushing {args.reference}")
     with bar:
         digest = registry.push(_store(args), args.reference, insecure=args.insecure, progress=report)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import secrets
 import sys
 from pathlib import Path
 from typing import Any
 
-from plugin_api.server import DEFAULT_NAME, SOCKET_DIR, SPEC_DIR, PluginService, spec_path_for
+from plugin_api.protocol import DEFAULT_NAME, SOCKET_DIR, SPEC_DIR
 from unionfs.errors import StrataError
 from volumes import Volume, VolumeManager
 
@@ -48,6 +49,10 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return "-" if n < 0 else human_size(n)  # -1: not counted (too many entries, image not mounted)
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     vols = _manager(args).list_volumes(with_status=not args.quiet)
     if args.quiet:
@@ -58,7 +63,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     else:
         print_table(
             ["VOLUME NAME", "TYPE", "MOUNTS", "SIZE", "CREATED"],
-            [[v.name, v.type, v.status["MountCount"], human_size(v.status.get("Size") or 0), v.created_at]
+            [[v.name, v.type, v.status["MountCount"], _size(v.status.get("Size", 0)), v.created_at]
              for v in vols],
         )
     return 0
@@ -82,7 +87,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     mgr, failed = _manager(args), False
     for name in args.names:
         try:
-            mgr.remove(name)
+            mgr.remove(name, force=args.force)
             print(name)
         except StrataError as e:
             print(f"strata: {e}", file=sys.stderr)
@@ -108,9 +113,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # aiohttp is a third of a second to import: only the server pays for it, not every CLI call.
+    from plugin_api.server import PluginService, spec_path_for
+
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, format="strata serve: %(levelname)s %(message)s"
     )
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", args.name):
+        raise StrataError(f"invalid plugin name {args.name!r}: letters, digits, '_', '.', '-' only")
     socket_path = Path(args.socket) if args.socket else SOCKET_DIR / f"{args.name}.sock"
     if not socket_path.is_absolute():
         raise StrataError(f"--socket must be an absolute path, not {args.socket}")
@@ -150,6 +160,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = vsub.add_parser("rm", aliases=["remove"], parents=[config], help="remove unused volumes")
     p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="remove even with mount references (ones a crashed client never released)")
     p.set_defaults(func=cmd_rm)
 
     p = vsub.add_parser("prune", parents=[config], help="remove all volumes nothing has mounted")

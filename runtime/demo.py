@@ -1,109 +1,138 @@
 """`make demo`: strata end to end, narrated.
 
-Today it shows the storage driver: two image layers mounted with
-strata-unionfs under a writable container layer, changed through the mount
-(a lower file edited, one deleted, a directory replaced), then the merged view
-beside what landed in the upper dir, and the same upper mounted by the
-kernel's overlayfs to show the on-disk format is the kernel's.
-"""
+Builds the default image from Debian's busybox-static, runs a container whose root
+is a strata-unionfs mount (the image layer below, the container's own layer above)
+with a strata volume, writes to both, shows `diff` and the container layer in the
+kernel overlayfs format, commits an image and runs it, and cleans up. Everything
+lives in a private state root; the containers use `--network none`, so the host's
+network is never touched."""
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
+import shutil
 import stat
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from unionfs.kernel import is_mountpoint
+from unionfs.kernel import mounts
 
-STRATA_UNIONFS = str(Path(sys.executable).with_name("strata-unionfs"))
+STRATA = str(Path(sys.executable).with_name("strata"))
+BUSYBOX = "/bin/busybox"
 
 
 def say(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def sh(cmd: str) -> None:
-    print(f"$ {cmd}", flush=True)
-    subprocess.run(cmd, shell=True, check=True)
+def strata(root: Path, *args: str, show: bool = True) -> str:
+    """Run the CLI as a user would, echoing the command and its output."""
+    if show:
+        print(f"$ strata {shlex.join(args)}", flush=True)
+    res = subprocess.run([STRATA, "--root", str(root), *args], capture_output=True, text=True)
+    if show and res.stdout:
+        print(res.stdout, end="", flush=True)
+    if res.returncode != 0:
+        sys.stderr.write(res.stderr)
+        raise SystemExit(f"demo: `strata {' '.join(args)}` failed ({res.returncode})")
+    return res.stdout
+
+
+def build_rootfs(top: Path) -> None:
+    """busybox-static plus a symlink per applet: a whole userland in one binary."""
+    if not os.path.exists(BUSYBOX):
+        raise SystemExit(f"demo: {BUSYBOX} missing: apt-get install busybox-static (make deps)")
+    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for d in ("bin", "etc", "tmp", "root", "data"):
+        (top / d).mkdir(parents=True, exist_ok=True)
+    (top / "tmp").chmod(0o1777)
+    shutil.copy2(BUSYBOX, top / "bin/busybox")
+    for applet in applets:
+        if applet != "busybox":
+            (top / "bin" / applet).symlink_to("busybox")
+    (top / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
+    (top / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    (top / "etc/motd").write_text("welcome to the busybox image\n")
 
 
 def describe(root: Path) -> None:
-    """Every entry with what it is, marking the overlay's own bookkeeping."""
+    """Every entry of a container layer with what it is, in the overlay on-disk format."""
     for dirpath, dirnames, filenames in sorted(os.walk(root)):
         for name in sorted(dirnames + filenames):
             p = Path(dirpath, name)
             st = os.lstat(p)
-            rel = p.relative_to(root)
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                note = "whiteout (char 0/0)"
+                note = "whiteout (char 0/0): deleted from the image"
             elif stat.S_ISDIR(st.st_mode):
                 opaque = "trusted.overlay.opaque" in os.listxattr(p, follow_symlinks=False)
-                note = "directory" + (", opaque (trusted.overlay.opaque=y)" if opaque else "")
-            elif stat.S_ISLNK(st.st_mode):
-                note = f"symlink -> {os.readlink(p)}"
+                note = "directory" + (", opaque" if opaque else "")
             else:
-                note = f"file: {p.read_text().strip()!r}"
-            print(f"  {rel!s:<28} {note}")
-
-
-def build_layers(base: Path) -> tuple[Path, Path]:
-    bottom, top = base / "layer0", base / "layer1"
-    for d in ("etc", "app/config", "var/cache"):
-        (bottom / d).mkdir(parents=True)
-    (bottom / "etc/motd").write_text("welcome to the base image")
-    (bottom / "etc/hostname").write_text("base")
-    (bottom / "app/config/settings.ini").write_text("debug = false")
-    (bottom / "app/config/defaults.ini").write_text("level = 1")
-    (bottom / "var/cache/blob").write_text("cached bytes")
-    (top / "app").mkdir(parents=True)
-    (top / "app/run.sh").write_text("#!/bin/sh\necho running")
-    (top / "etc").mkdir()
-    (top / "etc/motd").write_text("welcome to the app image")
-    return bottom, top
+                note = f"file, {st.st_size} bytes"
+            print(f"  {p.relative_to(root)!s:<20} {note}")
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="strata-demo-") as tmp:
-        base = Path(tmp)
-        bottom, top = build_layers(base)
-        upper, work, merged = base / "container/diff", base / "container/work", base / "merged"
-        for d in (upper, work, merged):
-            d.mkdir(parents=True)
-        say("two image layers, and an empty container layer")
-        print("layer1 (top):")
-        describe(top)
-        print("layer0 (bottom):")
-        describe(bottom)
-        say("mount them with strata-unionfs, as podman would")
-        sh(f"{STRATA_UNIONFS} -o lowerdir={top}:{bottom},upperdir={upper},workdir={work} {merged}")
-        try:
-            say("the merged view")
-            describe(merged)
-            say("change it through the mount")
-            sh(f"echo 'debug = true' > {merged}/app/config/settings.ini   # edit a lower file: copy-up")
-            sh(f"rm {merged}/etc/hostname                                # delete a lower file: whiteout")
-            sh(f"rm -r {merged}/var/cache && mkdir {merged}/var/cache    # replace a dir: opaque")
-            sh(f"echo fresh > {merged}/var/cache/new")
-            sh(f"mv {merged}/app/config {merged}/app/conf.d               # rename a lower dir")
-            say("the merged view now")
-            describe(merged)
-            say("what landed in the container layer (the upper dir): the kernel overlayfs format")
-            describe(upper)
-            say("the lower layers are untouched")
-            describe(bottom)
-        finally:
-            sh(f"fusermount3 -u {merged}")
-        say("the same upper through the kernel's own overlayfs")
-        sh(f"mount -t overlay overlay -o lowerdir={top}:{bottom},upperdir={upper},workdir={work} {merged}")
-        try:
-            describe(merged)
-        finally:
-            sh(f"umount {merged}")
-        assert not is_mountpoint(merged)
-        say("done: nothing left mounted")
+    base = Path(tempfile.mkdtemp(prefix="strata-demo-"))
+    root = base / "state"
+    try:
+        say("build the default image from Debian's busybox-static")
+        build_rootfs(base / "rootfs")
+        strata(root, "import", str(base / "rootfs"), "busybox:latest")
+        strata(root, "images")
+
+        say("run a container: rootfs on strata-unionfs, a strata volume at /data")
+        cid = strata(root, "run", "-d", "--name", "demo", "--network", "none", "--hostname", "demo",
+                     "-v", "demo-data:/data", "busybox", "sh", "-c",
+                     'echo "written in the container layer" > /hello.txt; rm /etc/motd; '
+                     'echo "written to the volume" > /data/note.txt; echo ready; sleep 300').strip()
+        for _ in range(100):
+            if "ready" in strata(root, "logs", "demo", show=False):
+                break
+            subprocess.run(["sleep", "0.1"], check=True)
+        strata(root, "ps")
+        rec = json.loads(strata(root, "inspect", "demo", show=False))[0]
+        merged = rec["GraphDriver"]["Data"]["MergedDir"]
+        fstype = next(t for _, m, t, _ in mounts() if m == merged)
+        print(f"the container's / is a {fstype} mount at {merged}")
+        strata(root, "exec", "demo", "sh", "-c",
+               'echo "PID 1 is: $(cat /proc/1/cmdline | tr "\\0" " ")"; hostname; '
+               "cat /hello.txt /data/note.txt")
+
+        say("what changed: `strata diff` reads the container layer")
+        strata(root, "diff", "demo")
+        print("the container layer on disk (kernel overlayfs format):")
+        describe(Path(rec["GraphDriver"]["Data"]["UpperDir"]))
+        strata(root, "volume", "ls")
+        vol = json.loads(strata(root, "volume", "inspect", "demo-data", show=False))[0]
+        print(f"the volume on disk, at {vol['Mountpoint']}:")
+        describe(Path(vol["Mountpoint"]))
+
+        say("stop it and commit its layer as a new image")
+        strata(root, "stop", "-t", "1", "demo")
+        strata(root, "commit", "-c", 'CMD ["cat", "/hello.txt"]', "demo", "busybox:demo")
+        strata(root, "history", "busybox:demo")
+
+        say("run the committed image; the volume's data is still there for a new container")
+        strata(root, "run", "--rm", "--network", "none", "busybox:demo")
+        strata(root, "run", "--rm", "--network", "none", "-v", "demo-data:/data", "busybox:demo",
+               "sh", "-c", "ls /etc/motd 2>&1; cat /data/note.txt")
+
+        say("clean up")
+        strata(root, "rm", "demo")
+        strata(root, "volume", "rm", "demo-data")
+        strata(root, "rmi", "busybox:demo", "busybox:latest")
+        strata(root, "system", "prune")
+        left = [m for _, m, _, _ in mounts() if m.startswith(str(base))]
+        assert not left, f"still mounted: {left}"
+        assert not [p for p in (root / "containers").iterdir() if not p.name.startswith(".")]
+        say(f"done: container {cid[:12]} came and went; nothing left mounted")
+    finally:
+        subprocess.run([STRATA, "--root", str(root), "system", "prune"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
     return 0
 
 

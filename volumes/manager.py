@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unionfs import kernel
 from unionfs.errors import StrataError
 from unionfs.paths import state_root
 
@@ -23,7 +24,7 @@ from .config import VolumeConfig
 from .drivers import DEFAULT_TYPE, Driver, DriverContext, driver_for, refuse_unknown
 from .names import check_mount_id, check_name
 from .options import check_options
-from .state import VolumeRecord, VolumeStore, now_rfc3339
+from .state import VolumeRecord, VolumeStore, current_boot, now_rfc3339
 
 
 class NoSuchVolume(StrataError):
@@ -43,15 +44,6 @@ class Volume:
     labels: dict[str, str]
     status: dict[str, Any] = field(default_factory=dict)
 
-    def to_docker(self) -> dict[str, Any]:
-        """The `Volume` object of the VolumeDriver protocol (Get, List)."""
-        out: dict[str, Any] = {
-            "Name": self.name, "Mountpoint": str(self.mountpoint), "CreatedAt": self.created_at,
-        }
-        if self.status:
-            out["Status"] = self.status
-        return out
-
 
 def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     clean = dict(labels or {})
@@ -66,6 +58,7 @@ class VolumeManager:
         self.store = VolumeStore(root)
         self.config = config or VolumeConfig()
         self.ctx = DriverContext(self.config, self._layers_of)
+        self.boot = current_boot()
 
     @classmethod
     def open(cls, root: str | None = None, config: str | None = None) -> VolumeManager:
@@ -78,7 +71,18 @@ class VolumeManager:
         rec = self.store.load(check_name(name))
         if rec is None:
             raise NoSuchVolume(name)
+        self._forget_stale(rec)
         return rec
+
+    def _forget_stale(self, rec: VolumeRecord) -> bool:
+        """Drop references taken before the last reboot: their containers are gone, and Docker
+        does not Unmount them; it mounts again with the same IDs when it restarts them, so
+        keeping them would leave the volume "in use" forever. Persisted by the next save."""
+        if not rec.mounts or rec.boot == self.boot:
+            return False
+        rec.note = f"{rec.refs} mount reference(s) from before a reboot dropped at {now_rfc3339()}"
+        rec.mounts.clear()
+        return True
 
     def _volume(self, rec: VolumeRecord, with_status: bool) -> Volume:
         drv = driver_for(rec.type)
@@ -87,7 +91,7 @@ class VolumeManager:
         if with_status:
             vol.status = {
                 "Type": rec.type,
-                "Mounted": drv.is_provisioned(rec, vdir) if drv.mounts else rec.refs > 0,
+                "Mounted": drv.is_provisioned(rec, vdir) if drv.mounts_on_use(rec) else rec.refs > 0,
                 "MountCount": rec.refs,
                 "MountIDs": len(rec.mounts),
                 **drv.status(rec, vdir),
@@ -105,6 +109,7 @@ class VolumeManager:
         for name in self.store.names():
             rec = self.store.load(name)
             if rec is not None:  # removed while we listed
+                self._forget_stale(rec)
                 out.append(self._volume(rec, with_status))
         return out
 
@@ -148,7 +153,8 @@ class VolumeManager:
     def _locked(self, name: str) -> Iterator[tuple[VolumeRecord, Driver, Path]]:
         """One volume under its own lock, while no create/remove runs (they take lock_all)."""
         with self.store.lock_all(exclusive=False):
-            self._load(name)
+            if not self.store.exists(name):
+                raise NoSuchVolume(name)
             with self.store.lock_volume(name):
                 rec = self._load(name)
                 yield rec, driver_for(rec.type), self.store.volume_dir(name)
@@ -159,6 +165,7 @@ class VolumeManager:
         with self._locked(name) as (rec, drv, vdir):
             drv.provision(rec, vdir, self.ctx)
             rec.mounts[mount_id] = rec.mounts.get(mount_id, 0) + 1
+            rec.boot = self.boot
             self.store.save(rec)
             return drv.mountpoint(rec, vdir)
 
@@ -176,19 +183,23 @@ class VolumeManager:
                 rec.note = ""
             self.store.save(rec)
 
-    def _remove_locked(self, rec: VolumeRecord) -> None:
-        if rec.refs:
-            raise StrataError(f"volume {rec.name} is in use ({rec.refs} mount reference(s))")
+    def _remove_locked(self, rec: VolumeRecord, force: bool = False) -> None:
+        if rec.refs and not force:
+            raise StrataError(
+                f"volume {rec.name} is in use ({rec.refs} mount reference(s)); "
+                "if nothing really uses it, `strata volume rm --force` drops them"
+            )
         deps = self._dependents(rec.name)
         if deps:
             raise StrataError(f"volume {rec.name} is cloned by {', '.join(deps)}; remove those first")
         driver_for(rec.type).release(rec, self.store.volume_dir(rec.name))
         self.store.discard(rec.name)
 
-    def remove(self, name: str) -> None:
-        """Remove an unused volume and its data; refused while mounted or cloned from."""
+    def remove(self, name: str, force: bool = False) -> None:
+        """Remove an unused volume and its data; refused while cloned from, and while mounted
+        unless force (the administrator's way out of references a crashed client never released)."""
         with self.store.lock_all(exclusive=True):
-            self._remove_locked(self._load(name))
+            self._remove_locked(self._load(name), force)
 
     def prune(self) -> list[tuple[str, int]]:
         """Remove every volume without mount references (clones before their sources);
@@ -203,29 +214,31 @@ class VolumeManager:
                     rec = self.store.load(name)
                     if rec is None or rec.refs or self._dependents(name):
                         continue
-                    size = int(self._volume(rec, with_status=True).status.get("Size") or 0)
-                    if rec.type == "bind":
-                        size = 0  # the host directory stays
+                    # A bind volume's host directory stays; an uncounted size counts as 0.
+                    size = 0 if rec.type == "bind" else max(0, self._volume(rec, True).status.get("Size", 0))
                     self._remove_locked(rec)
                     removed.append((name, size))
                     progress = True
         return removed
 
     def recover(self) -> list[str]:
-        """Bring the kernel in line with the records after a crash or reboot: remount
-        referenced tmpfs/clone volumes that are not mounted, release mounted ones nobody
-        references, delete half-done creates/removes. Returns what it did, one line each."""
+        """Bring the kernel in line with the records after a crash or reboot: drop references
+        from an earlier boot, remount referenced tmpfs/clone volumes whose mount vanished or
+        died, release mounts nobody references, delete half-done creates/removes. Returns
+        what it did, one line each."""
         with self.store.lock_all(exclusive=True):
             report = [f"removed leftover {n}" for n in self.store.sweep()]
             for name in self.store.names():
                 rec = self.store.load(name)
                 if rec is None:
                     continue
+                if self._forget_stale(rec):
+                    self.store.save(rec)
+                    report.append(f"volume {name}: {rec.note}")
                 drv, vdir = driver_for(rec.type), self.store.volume_dir(name)
-                if not drv.mounts:
+                if not drv.mounts_on_use(rec):
                     continue
-                mounted = drv.is_provisioned(rec, vdir)
-                if rec.refs and not mounted:
+                if rec.refs and not drv.is_provisioned(rec, vdir):
                     try:
                         drv.provision(rec, vdir, self.ctx)
                         lost = " (a tmpfs: its previous content was lost)" if rec.type == "tmpfs" else ""
@@ -234,7 +247,7 @@ class VolumeManager:
                         rec.note = f"could not be mounted again on recovery: {e}"
                     self.store.save(rec)
                     report.append(f"volume {name}: {rec.note}")
-                elif mounted and not rec.refs:
+                elif not rec.refs and kernel.is_mountpoint(drv.mountpoint(rec, vdir)):
                     drv.release(rec, vdir)
                     report.append(f"volume {name}: released a mount no ID references")
         return report

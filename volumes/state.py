@@ -38,6 +38,14 @@ RECORD = "volume.json"
 FORMAT_VERSION = 1
 
 
+def current_boot() -> str:
+    """The kernel's random id of this boot: a record's references from another boot are stale."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -53,6 +61,7 @@ class VolumeRecord:
     created_at: str = field(default_factory=now_rfc3339)
     mounts: dict[str, int] = field(default_factory=dict)
     note: str = ""  # what the last recovery had to do, shown in Status
+    boot: str = ""  # the kernel boot the references were taken in: none survives a reboot
 
     @property
     def refs(self) -> int:
@@ -62,6 +71,7 @@ class VolumeRecord:
         return {
             "Version": FORMAT_VERSION, "Name": self.name, "Type": self.type, "Options": self.options,
             "Labels": self.labels, "CreatedAt": self.created_at, "Mounts": self.mounts, "Note": self.note,
+            "Boot": self.boot,
         }
 
     @classmethod
@@ -70,6 +80,7 @@ class VolumeRecord:
             name=raw["Name"], type=raw["Type"], options=dict(raw.get("Options") or {}),
             labels=dict(raw.get("Labels") or {}), created_at=raw["CreatedAt"],
             mounts={str(k): int(v) for k, v in (raw.get("Mounts") or {}).items()}, note=raw.get("Note", ""),
+            boot=raw.get("Boot", ""),
         )
 
 
@@ -125,7 +136,10 @@ class VolumeStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise StrataError(f"cannot use volume state directory {root}: {e.strerror}") from None
 
     def volume_dir(self, name: str) -> Path:
         return self.root / check_name(name)
@@ -135,6 +149,9 @@ class VolumeStore:
 
     def lock_volume(self, name: str) -> contextlib.AbstractContextManager[None]:
         return _flock(self.volume_dir(name) / "lock", True)
+
+    def exists(self, name: str) -> bool:
+        return (self.volume_dir(name) / RECORD).exists()
 
     def names(self) -> list[str]:
         return sorted(e.name for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_dir())

@@ -1,14 +1,21 @@
 """How much a volume holds: a walk that never leaves the tree or its filesystem
-and counts hard-linked files once."""
+and counts hard-linked files once.
+
+Docker calls Get (and so this) several times per `docker run`, so the walk has
+a budget: past it the size is reported as -1, Docker's "not computed"."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+MAX_ENTRIES = 100_000
+UNKNOWN = -1
 
-def tree_size(top: Path) -> int:
-    """Bytes of regular files below top (apparent size); 0 when top is missing."""
+
+def tree_size(top: Path, budget: int = MAX_ENTRIES) -> int:
+    """Bytes of regular files below top (apparent size); 0 when top is missing,
+    UNKNOWN when it holds more than budget entries."""
     try:
         dev = os.lstat(top).st_dev
     except OSError:
@@ -23,6 +30,9 @@ def tree_size(top: Path) -> int:
             continue
         with it:
             for e in it:
+                budget -= 1
+                if budget < 0:
+                    return UNKNOWN
                 try:
                     st = e.stat(follow_symlinks=False)
                 except OSError:

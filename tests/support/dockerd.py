@@ -14,6 +14,7 @@ Usage::
         d.docker("import", str(tar), "bb:data")
         out = d.docker("run", "--rm", "bb:data", "echo", "hi").stdout
         d.restart()                          # same data root, e.g. to test recovery
+        d.crash(); d.start()                 # kill -9 everything (a power cut), then start again
 
 As a pytest fixture (in your own conftest.py)::
 
@@ -27,7 +28,10 @@ As a pytest fixture (in your own conftest.py)::
 private DOCKER_CONFIG), ``root`` (the temp dir holding data root, exec root,
 pid file and ``dockerd.log``), ``host`` (the socket URL). ``d.docker(*args,
 check=True, timeout=120, input=None)`` runs the CLI and returns the
-CompletedProcess (text mode); ``--pull=never`` is added to ``run``/``create``.
+CompletedProcess (text mode), raising DockerCommandError (stderr in its message)
+on failure; ``--pull=never`` is added to ``run``/``create``.
+``d.restart()`` stops and starts on the same data root; ``d.crash()`` kills
+dockerd and all its processes at once, as a power cut would, then ``d.start()``.
 ``d.log_tail()`` returns the end of the daemon log (also printed to stderr when
 the ``with`` body raises).
 
@@ -68,6 +72,13 @@ _STOP_TIMEOUT = 30.0
 
 class DockerdError(RuntimeError):
     """dockerd could not be started (the message carries the end of its log)."""
+
+
+class DockerCommandError(subprocess.CalledProcessError):
+    """A failed docker CLI call; str() includes its stderr so test failures say why."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstderr: {self.stderr.strip()}"
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -127,7 +138,7 @@ class Dockerd:
             timeout=timeout, input=input,
         )
         if check and res.returncode != 0:
-            raise subprocess.CalledProcessError(res.returncode, res.args, res.stdout, res.stderr)
+            raise DockerCommandError(res.returncode, res.args, res.stdout, res.stderr)
         return res
 
     def log_tail(self, lines: int = 40) -> str:
@@ -170,6 +181,18 @@ class Dockerd:
                 self.proc.wait()
         self.proc = None
         self._kill_leftovers()
+
+    def crash(self) -> None:
+        """What a power cut does to Docker: SIGKILL dockerd, containerd, the shims and every
+        container process of this instance at once, drop their mounts and the exec root (a
+        reboot empties /run); the data root stays. start() afterwards."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+        self._kill_leftovers()
+        _unmount_under(self.root)
+        shutil.rmtree(self.exec_root, ignore_errors=True)
 
     def restart(self) -> None:
         """Stop and start again on the same data root (what a daemon restart looks like)."""

@@ -81,20 +81,34 @@ class Service:
         return f"unix://{self.socket}"
 
     def start(self, extra: tuple[str, ...] = ()) -> None:
+        """Start and wait for its systemd-style READY=1 (sent once socket and spec file exist)."""
         self.env.root.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "a") as log:
+        notify_dir = Path(tempfile.mkdtemp(prefix="svn-", dir="/tmp"))
+        notify = notify_dir / "notify"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns, open(self.log, "a") as log:
+            ns.bind(str(notify))
+            ns.settimeout(0.1)
             self.proc = subprocess.Popen(
                 [STRATA, "--root", str(self.env.root), "serve", "--config", str(self.env.config),
                  "--name", self.name, "--socket", str(self.socket), "--spec-dir", str(self.spec_dir), *extra],
                 stdout=log, stderr=subprocess.STDOUT, text=True,
+                env={**os.environ, "NOTIFY_SOCKET": str(notify)},
             )
-        deadline = time.monotonic() + 30
-        while not self.answers():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"strata serve exited {self.proc.returncode}: {self.log.read_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"strata serve did not listen: {self.log.read_text()}")
-            time.sleep(0.05)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if ns.recv(100) == b"READY=1":
+                        break
+                except TimeoutError:
+                    pass
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"strata serve exited {self.proc.returncode}: {self.log_text()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"strata serve did not get ready: {self.log_text()}")
+        shutil.rmtree(notify_dir)
+
+    def log_text(self) -> str:
+        return self.log.read_text()
 
     def answers(self) -> bool:
         with socket.socket(socket.AF_UNIX) as s:

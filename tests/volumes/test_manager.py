@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from unionfs import kernel
 from unionfs.errors import StrataError
 from volumes import NoSuchVolume, VolumeManager
+from volumes.usage import UNKNOWN, tree_size
 
 from .conftest import Env
 
@@ -26,7 +28,7 @@ def test_local_volume_lifecycle(manager: VolumeManager) -> None:
     (vol.mountpoint / "f").write_bytes(b"x" * 1000)
     got = manager.get("data1")
     assert got.status["Size"] == 1000 and got.status["MountCount"] == 0
-    assert got.to_docker()["Name"] == "data1" and got.to_docker()["CreatedAt"].endswith("Z")
+    assert got.name == "data1" and got.created_at.endswith("Z")
     assert [v.name for v in manager.list_volumes()] == ["data1"]
     manager.remove("data1")
     assert not vol.mountpoint.exists()
@@ -146,7 +148,9 @@ def test_bind_disabled_without_roots(tmp_path: Path) -> None:
         ("", {}, "empty"),
         ("ok1", {"colour": "red"}, "unknown option 'colour' for type=local"),
         ("ok1", {"type": "zfs"}, "unknown volume type 'zfs'"),
-        ("ok1", {"size": "1g"}, "cannot enforce a size limit"),
+        ("ok1", {"type": "bind", "device": "/srv", "size": "1g"}, "cannot enforce a size limit"),
+        ("ok1", {"type": "clone", "from": "x1", "size": "1g"}, "cannot enforce a size limit"),
+        ("ok1", {"size": "1m"}, "too small"),
         ("ok1", {"type": "tmpfs", "size": "lots"}, "invalid size"),
         ("ok1", {"type": "tmpfs", "size": "0"}, "invalid size"),
         ("ok1", {"uid": "-1"}, "invalid uid"),
@@ -212,3 +216,48 @@ def test_unmount_releases_even_when_busy(manager: VolumeManager) -> None:
         os.close(fd)
     assert not kernel.is_mountpoint(mp)
     assert manager.get("held").status["MountCount"] == 0
+
+
+def test_size_walk_has_a_budget(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    for i in range(20):
+        (tmp_path / "d" / str(i)).write_bytes(b"ab")
+    os.link(tmp_path / "d" / "0", tmp_path / "hardlink")  # counted once
+    assert tree_size(tmp_path) == 40
+    assert tree_size(tmp_path, budget=10) == UNKNOWN
+    assert tree_size(tmp_path / "missing") == 0
+
+
+def loop_devices_of(image: Path) -> str:
+    return subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True, check=True).stdout
+
+
+def test_local_size_limit_through_an_ext4_image(manager: VolumeManager) -> None:
+    vol = manager.create("quota", {"size": "16m", "uid": "1234", "gid": "2345", "mode": "0750"})
+    image = manager.store.volume_dir("quota") / "disk.img"
+    assert image.stat().st_size == 16 << 20 and image.stat().st_blocks * 512 < 16 << 20  # sparse
+    assert not kernel.is_mountpoint(vol.mountpoint) and loop_devices_of(image) == ""
+    mp = manager.mount("quota", "A")
+    assert [f for _, t, f, _ in kernel.mounts() if t == str(mp)] == ["ext4"]
+    assert os.listdir(mp) == []  # empty, so Docker copies image content in
+    st = os.stat(mp)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 2345, 0o750)
+    with pytest.raises(OSError) as e, open(mp / "big", "wb") as f:
+        f.write(b"\1" * (20 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    assert e.value.errno == errno.ENOSPC
+    (mp / "big").unlink()
+    (mp / "kept").write_text("in the image")
+    status = manager.get("quota").status
+    assert status["SizeLimit"] == 16 << 20 and status["Size"] == len("in the image") and status["Mounted"]
+    manager.unmount("quota", "A")
+    assert not kernel.is_mountpoint(mp) and loop_devices_of(image) == ""
+    assert manager.get("quota").status["Size"] == UNKNOWN  # not counted while the image is not mounted
+    mp = manager.mount("quota", "B")
+    assert (mp / "kept").read_text() == "in the image"
+    with pytest.raises(StrataError, match="has a size limit"):
+        manager.create("quotaclone", {"type": "clone", "from": "quota"})
+    manager.unmount("quota", "B")
+    manager.remove("quota")
+    assert leftovers(manager) == []

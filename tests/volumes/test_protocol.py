@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import socket
 import stat
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,7 @@ from plugin_api import protocol as p
 from plugin_api.client import PluginClient, PluginError, discover
 from unionfs import kernel
 
-from .conftest import Env, Service
+from .conftest import STRATA, Env, Service
 
 ID_A = "a" * 64
 ID_B = "b" * 64
@@ -92,7 +96,7 @@ def test_opts_forms_and_drivers(service: Service, env: Env) -> None:
         (p.CREATE, b'{"Name": "ok1", "Opts": "type=tmpfs"}', "Opts must be an object"),
         (p.CREATE, b'{"Name": "ok1", "Opts": {"type": "bind", "device": "/etc"}}', "outside the allowed"),
         (p.CREATE, b'{"Name": "ok1", "Opts": {"type": "bind", "device": "/"}}', "outside the allowed"),
-        (p.CREATE, b'{"Name": "ok1", "Opts": {"size": "10g"}}', "cannot enforce a size limit"),
+        (p.CREATE, b'{"Name": "ok1", "Opts": {"type": "clone", "size": "1g"}}', "cannot enforce a size"),
         (p.MOUNT, b'{"Name": "ok1"}', "missing field 'ID'"),
         (p.MOUNT, b'{"Name": "ok1", "ID": ""}', "mount ID is empty"),
         (p.MOUNT, b'{"Name": "nosuch", "ID": "x"}', "no such volume: nosuch"),
@@ -172,6 +176,35 @@ def test_client_discovery_and_calls(service: Service, tmp_path: Path) -> None:
                 await c.get("cv")
 
     asyncio.run(go())
+
+
+def test_systemd_readiness_after_listening(env: Env, tmp_path: Path) -> None:
+    notify = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(str(notify))
+        ns.settimeout(30)
+        sock_dir = Path(tempfile.mkdtemp(prefix="sv-", dir="/tmp"))
+        proc = subprocess.Popen(
+            [STRATA, "--root", str(env.root), "serve", "--config", str(env.config),
+             "--socket", str(sock_dir / "n.sock"), "--spec-dir", str(tmp_path)],
+            env={**os.environ, "NOTIFY_SOCKET": str(notify)}, stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert ns.recv(100) == b"READY=1"
+            assert (sock_dir / "n.sock").is_socket()
+        finally:
+            proc.terminate()
+            assert proc.wait(30) == 0
+            shutil.rmtree(sock_dir)
+
+
+def test_serve_never_replaces_a_non_socket(env: Env, tmp_path: Path) -> None:
+    victim = tmp_path / "precious"
+    victim.write_text("keep me")
+    res = env.strata("serve", "--config", str(env.config), "--socket", str(victim),
+                     "--spec-dir", str(tmp_path), check=False)
+    assert res.returncode == 1 and "is not a socket" in res.stderr
+    assert victim.read_text() == "keep me"
 
 
 def test_second_server_on_same_socket_refused(service: Service, env: Env) -> None:

@@ -38,8 +38,6 @@ class Driver(ABC):
     type: ClassVar[str]
     # Option keys this driver accepts besides "type"; anything else is refused.
     accepted: ClassVar[frozenset[str]]
-    # True when provisioning is a real mount that a reboot undoes and recovery must redo.
-    mounts: ClassVar[bool] = False
 
     def validate(self, name: str, opts: dict[str, str], ctx: DriverContext) -> dict[str, str]:
         """Check the options (types, ranges, references); return them normalised for the record."""
@@ -51,6 +49,10 @@ class Driver(ABC):
 
     def mountpoint(self, rec: VolumeRecord, vdir: Path) -> Path:
         return vdir / DATA
+
+    def mounts_on_use(self, rec: VolumeRecord) -> bool:
+        """True when provisioning is a real mount that a reboot undoes and recovery must redo."""
+        return False
 
     def is_provisioned(self, rec: VolumeRecord, vdir: Path) -> bool:
         return True
@@ -93,7 +95,7 @@ def refuse_unknown(type_: str, opts: dict[str, str], accepted: frozenset[str]) -
         return
     if "size" in unknown:
         raise StrataError(
-            f"option size: type={type_} volumes cannot enforce a size limit here; use type=tmpfs,size=..."
+            f"option size: type={type_} volumes cannot enforce a size limit; type=local and type=tmpfs can"
         )
     allowed = ", ".join(sorted(accepted)) or "none"
     raise StrataError(f"unknown option {unknown[0]!r} for type={type_} (accepted: {allowed})")

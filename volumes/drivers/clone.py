@@ -6,6 +6,7 @@ show the source's current content, as with any overlay lower layer."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,6 @@ def _layer_option(layers: list[Path]) -> str:
 class CloneDriver(Driver):
     type = "clone"
     accepted = frozenset({"from", "uid", "gid", "mode"})
-    mounts = True
 
     def validate(self, name: str, opts: dict[str, str], ctx: DriverContext) -> dict[str, str]:
         if "from" not in opts:
@@ -63,12 +63,25 @@ class CloneDriver(Driver):
         if {"uid", "gid", "mode"} & set(rec.options):
             set_owner_and_mode(staging / UPPER, *owner_and_mode(rec.options, 0o755))
 
+    def mounts_on_use(self, rec: VolumeRecord) -> bool:
+        return True
+
     def is_provisioned(self, rec: VolumeRecord, vdir: Path) -> bool:
-        return kernel.is_mountpoint(vdir / DATA)
+        """Mounted and answering: a FUSE mount whose daemon died fails with ENOTCONN
+        (statfs always reaches the daemon; stat may be answered from the kernel's cache)."""
+        if not kernel.is_mountpoint(vdir / DATA):
+            return False
+        try:
+            os.statvfs(vdir / DATA)
+        except OSError:
+            return False
+        return True
 
     def provision(self, rec: VolumeRecord, vdir: Path, ctx: DriverContext) -> None:
         if self.is_provisioned(rec, vdir):
             return
+        if kernel.is_mountpoint(vdir / DATA):  # a dead daemon's mount: detach, then mount afresh
+            unmount_quietly(vdir / DATA)
         lower = _layer_option(ctx.layers_of(rec.options["from"]))
         upper, work = vdir / UPPER, vdir / WORK
         _layer_option([upper, work, vdir / DATA])

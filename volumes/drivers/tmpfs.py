@@ -19,7 +19,6 @@ from .base import DATA, Driver, DriverContext, not_mounted_error, unmount_quietl
 class TmpfsDriver(Driver):
     type = "tmpfs"
     accepted = frozenset({"size", "uid", "gid", "mode"})
-    mounts = True
 
     def validate(self, name: str, opts: dict[str, str], ctx: DriverContext) -> dict[str, str]:
         owner_and_mode(opts, 0o755)
@@ -29,6 +28,9 @@ class TmpfsDriver(Driver):
 
     def build(self, rec: VolumeRecord, staging: Path, ctx: DriverContext) -> None:
         (staging / DATA).mkdir(mode=0o755)
+
+    def mounts_on_use(self, rec: VolumeRecord) -> bool:
+        return True
 
     def is_provisioned(self, rec: VolumeRecord, vdir: Path) -> bool:
         return kernel.is_mountpoint(vdir / DATA)

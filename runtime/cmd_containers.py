@@ -1,0 +1,387 @@
+"""Container commands, docker's verbs and flags: create, start, run, ps, logs, exec,
+stop, kill, rm, wait, inspect, diff, commit, export, top, pause, unpause, and
+`strata system prune`. Thin: parsing and presentation here, the work in
+runtime.containers."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import signal
+import sys
+from typing import Any
+
+from runtime.containers import Container, RunOptions, Runtime
+from runtime.output import print_json, print_table
+from runtime.process import StartError, read_log
+from unionfs.errors import StrataError
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([bkmg]?)b?$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """docker's memory sizes: 64m, 1g, 512k, plain bytes."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise StrataError(f"invalid size {text!r}: expected a number with an optional b, k, m or g")
+    mult = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def parse_signal(text: str) -> int:
+    name = text.upper()
+    if name.isdigit():
+        return int(name)
+    try:
+        return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
+    except KeyError:
+        raise StrataError(f"invalid signal {text!r}") from None
+
+
+def _rt(args: argparse.Namespace) -> Runtime:
+    return Runtime(args.root)
+
+
+def _options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        image=args.image, command=args.command, name=args.name, env=args.env, workdir=args.workdir,
+        user=args.user, hostname=args.hostname, entrypoint=args.entrypoint, tty=args.tty,
+        interactive=args.interactive, auto_remove=args.rm, volumes=args.volume,
+        volumes_from=args.volumes_from, volume_driver=args.volume_driver,
+        memory=parse_size(args.memory) if args.memory else None, cpus=args.cpus,
+        pids_limit=args.pids_limit, network=args.network, publish=args.publish, dns=args.dns,
+        add_hosts=args.add_host, storage_driver=args.storage_driver,
+    )
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    print(_rt(args).create(_options(args)).id)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    rt = _rt(args)
+    c = rt.create(_options(args))
+    if args.detach:
+        rt.start(c, attach=False)
+        print(c.id)
+        return 0
+    try:
+        return rt.start(c, attach=True)
+    except StartError as e:
+        print(f"strata: {e}", file=sys.stderr)
+        return e.code
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    rt = _rt(args)
+    code = 0
+    for ref in args.containers:
+        c = rt.get(ref)
+        if args.attach:
+            code = rt.start(c, attach=True)
+        else:
+            rt.start(c, attach=False)
+            print(ref)
+    return code
+
+
+def _status_text(c: Container) -> str:
+    status = c.status()
+    st = c.state
+    if status in ("running", "paused"):
+        text = f"Up {_ago(st['StartedAt'])}"
+        return text + " (Paused)" if status == "paused" else text
+    if status == "exited":
+        return f"Exited ({st['ExitCode']}) {_ago(st['FinishedAt'])} ago" if st["FinishedAt"] else "Exited"
+    return status.capitalize()
+
+
+def _ago(when: str) -> str:
+    try:
+        t = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
+    except ValueError:
+        return ""
+    secs = int((datetime.datetime.now(datetime.UTC) - t).total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if secs >= size:
+            n = secs // size
+            return f"{n} {unit}{'s' if n > 1 else ''}"
+    return f"{secs} seconds"
+
+
+def _command(c: Container) -> str:
+    text = " ".join([c.rec["Path"], *c.rec["Args"]])
+    return json.dumps(text if len(text) <= 30 else text[:29] + "…", ensure_ascii=False)
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    rows = []
+    for c in _rt(args).all():
+        status = c.status()
+        if not args.all and status not in ("running", "paused"):
+            continue
+        ports = ", ".join(f"127.0.0.1:{h}->{p}/tcp" for h, p in c.rec["HostConfig"]["PortBindings"])
+        rows.append({"ID": c.id, "Image": c.rec["Config"]["Image"], "Command": _command(c),
+                     "Created": c.rec["Created"], "State": status, "Status": _status_text(c),
+                     "Ports": ports, "Names": c.name, "IPAddress": c.rec["NetworkSettings"]["IPAddress"]})
+    if args.quiet:
+        for r in rows:
+            print(r["ID"][:12])
+    elif args.format == "json":
+        print_json(rows)
+    else:
+        print_table(["CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "PORTS", "NAMES"],
+                    [[r["ID"][:12], r["Image"], r["Command"], r["Status"], r["Ports"], r["Names"]]
+                     for r in rows])
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    rt = _rt(args)
+    c = rt.get(args.container)
+
+    def running() -> bool:
+        return c.reload().status() in ("running", "paused", "starting")
+
+    for stream, data in read_log(c.log_path, running if args.follow else None):
+        out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+        out.write(data)
+        out.flush()
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    rt = _rt(args)
+    c = rt.get(args.container)
+    opts = RunOptions(image="", env=args.env, workdir=args.workdir, user=args.user, tty=args.tty,
+                      interactive=args.interactive)
+    return rt.exec(c, [args.cmd, *args.args], opts)
+
+
+def _each(args: argparse.Namespace, verb: str, action: Any) -> int:
+    """Apply action to every container named, docker style: report failures, go on."""
+    rt = _rt(args)
+    failed = False
+    for ref in args.containers:
+        try:
+            action(rt, rt.get(ref))
+            print(ref)
+        except StrataError as e:
+            print(f"strata: {verb} {ref}: {e}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    return _each(args, "stop", lambda rt, c: rt.stop(c, args.time))
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    sig = parse_signal(args.signal)
+    return _each(args, "kill", lambda rt, c: rt.kill(c, sig))
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    return _each(args, "rm", lambda rt, c: rt.remove(c, args.force))
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    return _each(args, "pause", lambda rt, c: rt.pause(c))
+
+
+def cmd_unpause(args: argparse.Namespace) -> int:
+    return _each(args, "unpause", lambda rt, c: rt.unpause(c))
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    rt = _rt(args)
+    for ref in args.containers:
+        print(rt.wait(rt.get(ref)))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    rt = _rt(args)
+    out = []
+    for ref in args.containers:
+        c = rt.get(ref)
+        rec = dict(c.rec)
+        status = c.status()
+        rec["State"] = {**c.state, "Status": status, "Running": status in ("running", "paused"),
+                        "Paused": status == "paused"}
+        out.append(rec)
+    print_json(out)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    rt = _rt(args)
+    for kind, path in rt.diff(rt.get(args.container)):
+        print(f"{kind} {path}")
+    return 0
+
+
+def _changes(items: list[str]) -> dict[str, Any]:
+    """--change 'CMD ["x"]' / 'ENV K=V' / 'WORKDIR /d' / 'USER u' / 'ENTRYPOINT [...]'."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.strip().partition(" ")
+        key = key.upper()
+        if key in ("CMD", "ENTRYPOINT"):
+            try:
+                parsed = json.loads(value) if value.strip().startswith("[") else ["/bin/sh", "-c", value]
+            except ValueError:
+                raise StrataError(f"invalid --change {item!r}: bad JSON") from None
+            out["Cmd" if key == "CMD" else "Entrypoint"] = parsed
+        elif key == "ENV" and "=" in value:
+            out.setdefault("Env", []).append(value.strip())
+        elif key in ("WORKDIR", "USER"):
+            out["WorkingDir" if key == "WORKDIR" else "User"] = value.strip()
+        else:
+            raise StrataError(f"invalid --change {item!r}: CMD, ENTRYPOINT, ENV, WORKDIR or USER")
+    return out
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    rt = _rt(args)
+    c = rt.get(args.container)
+    changes = _changes(args.change)
+    if "Env" in changes:
+        keys = {e.split("=", 1)[0] for e in changes["Env"]}
+        kept = [e for e in c.rec["Config"]["Env"] if e.split("=", 1)[0] not in keys]
+        changes["Env"] = kept + changes["Env"]
+    print(rt.commit(c, args.reference, args.message, args.author, changes))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    rt = _rt(args)
+    c = rt.get(args.container)
+    if args.output:
+        tmp = f"{args.output}.part"
+        with open(tmp, "wb") as f:
+            rt.export(c, f)
+        os.rename(tmp, args.output)
+    else:
+        if sys.stdout.isatty():
+            raise StrataError("refusing to write a tar to a terminal: use -o FILE or redirect")
+        rt.export(c, sys.stdout.buffer)
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    rt = _rt(args)
+    print_table(["PID", "UID", "CMD"], rt.top(rt.get(args.container)))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    for line in _rt(args).prune():
+        print(line)
+    return 0
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="container name")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="set an environment variable")
+    p.add_argument("-w", "--workdir", help="working directory inside the container")
+    p.add_argument("-u", "--user", help="user[:group], names or ids from the image's /etc/passwd")
+    p.add_argument("-h", "--hostname", help="container host name")
+    p.add_argument("--entrypoint", help="override the image's entrypoint")
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("-v", "--volume", action="append", default=[], metavar="SRC:/path[:ro]",
+                   help="named volume (created on first use) or host path")
+    p.add_argument("--volumes-from", action="append", default=[], metavar="CONTAINER[:ro|rw]",
+                   help="mount the volumes of another container")
+    p.add_argument("--volume-driver", help="Docker volume plugin for named volumes (default: strata's own)")
+    p.add_argument("-m", "--memory", help="memory limit (e.g. 64m)")
+    p.add_argument("--cpus", type=float, help="number of CPUs")
+    p.add_argument("--pids-limit", type=int, help="maximum number of processes")
+    p.add_argument("--network", "--net", default="bridge",
+                   help="none, host, bridge (default) or container:NAME")
+    p.add_argument("-p", "--publish", action="append", default=[], metavar="HOST:CONTAINER",
+                   help="publish a container port on 127.0.0.1")
+    p.add_argument("--dns", action="append", default=[], help="DNS server for /etc/resolv.conf")
+    p.add_argument("--add-host", action="append", default=[], metavar="HOST:IP",
+                   help="add a line to /etc/hosts")
+    p.add_argument("--storage-driver", default="strata-unionfs", choices=["strata-unionfs", "overlay"],
+                   help="rootfs through strata-unionfs (default) or the kernel's overlayfs")
+    p.add_argument("image")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+
+
+def _containers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("containers", nargs="+", metavar="CONTAINER")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    def add(name: str, help_: str, func: Any, **kw: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = subparsers.add_parser(name, help=help_, description=help_, **kw)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("create", "create a container", cmd_create, add_help=False)
+    p.add_argument("--help", action="help")
+    _run_flags(p)
+    p = add("run", "create and start a container", cmd_run, add_help=False)
+    p.add_argument("--help", action="help")
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background, print the id")
+    _run_flags(p)
+    p = add("start", "start created or stopped containers", cmd_start)
+    p.add_argument("-a", "--attach", action="store_true", help="attach output and wait for the exit")
+    _containers(p)
+    p = add("ps", "list containers", cmd_ps)
+    p.add_argument("-a", "--all", action="store_true", help="also stopped ones")
+    p.add_argument("-q", "--quiet", action="store_true", help="only ids")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p = add("logs", "show a container's output", cmd_logs)
+    p.add_argument("-f", "--follow", action="store_true", help="keep following while it runs")
+    p.add_argument("container")
+    p = add("exec", "run a command in a running container", cmd_exec)
+    p.add_argument("-i", "--interactive", action="store_true")
+    p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("-e", "--env", action="append", default=[])
+    p.add_argument("-w", "--workdir")
+    p.add_argument("-u", "--user")
+    p.add_argument("container")
+    p.add_argument("cmd")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p = add("stop", "stop containers: SIGTERM, then SIGKILL after the timeout", cmd_stop)
+    p.add_argument("-t", "--time", type=float, default=10, help="seconds before SIGKILL (default 10)")
+    _containers(p)
+    p = add("kill", "send a signal to containers", cmd_kill)
+    p.add_argument("-s", "--signal", default="KILL")
+    _containers(p)
+    p = add("rm", "remove containers", cmd_rm)
+    p.add_argument("-f", "--force", action="store_true", help="kill running ones first")
+    _containers(p)
+    _containers(add("wait", "wait for containers to exit, print their exit codes", cmd_wait))
+    _containers(add("inspect", "show containers in detail (JSON)", cmd_inspect))
+    _containers(add("pause", "freeze every process of containers", cmd_pause))
+    _containers(add("unpause", "thaw paused containers", cmd_unpause))
+    add("diff", "files changed in a container's layer (A added, C changed, D deleted)",
+        cmd_diff).add_argument("container")
+    p = add("commit", "create an image from a container's changes", cmd_commit)
+    p.add_argument("-m", "--message", default="")
+    p.add_argument("-a", "--author", default="")
+    p.add_argument("-c", "--change", action="append", default=[],
+                   help="CMD, ENTRYPOINT, ENV, WORKDIR or USER")
+    p.add_argument("container")
+    p.add_argument("reference", nargs="?")
+    p = add("export", "write a container's filesystem as a tar", cmd_export)
+    p.add_argument("-o", "--output", help="file (default stdout)")
+    p.add_argument("container")
+    add("top", "processes running in a container", cmd_top).add_argument("container")
+    # `strata system` belongs to the image commands; prune joins it (registered after them).
+    system = subparsers.choices["system"]
+    system_sub = next(a for a in system._actions if isinstance(a, argparse._SubParsersAction))
+    prune = system_sub.add_parser("prune", help="clean up what crashed strata processes left behind "
+                                  "(containers whose monitor died, mounts, veths, cgroups)")
+    prune.set_defaults(func=cmd_prune)

@@ -1,0 +1,137 @@
+"""type=clone: a copy-on-write snapshot of another volume through strata-unionfs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+
+from unionfs import kernel
+from unionfs.errors import StrataError
+from volumes import VolumeManager
+from volumes.drivers.clone import unionfs_program
+
+from .conftest import Env, Service
+
+
+def tree(top: Path) -> dict[str, bytes | None]:
+    out: dict[str, bytes | None] = {}
+    for dirpath, dirs, files in os.walk(top):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(dirpath, d), top) + "/"] = None
+        for f in files:
+            out[os.path.relpath(os.path.join(dirpath, f), top)] = Path(dirpath, f).read_bytes()
+    return out
+
+
+@pytest.fixture
+def source(manager: VolumeManager) -> Path:
+    unionfs_program(None)  # fails with a clear reason when strata-unionfs is not installed
+    mp = manager.create("src", {}).mountpoint
+    (mp / "keep.txt").write_text("original\n")
+    (mp / "edit.txt").write_text("before\n")
+    (mp / "gone.txt").write_text("delete me\n")
+    (mp / "dir" / "sub").mkdir(parents=True)
+    (mp / "dir" / "sub" / "deep").write_text("deep\n")
+    return mp
+
+
+def test_clone_is_copy_on_write_and_leaves_source_alone(manager: VolumeManager, source: Path) -> None:
+    before = tree(source)
+    manager.create("snap", {"type": "clone", "from": "src", "uid": "1000", "mode": "0770"})
+    mp = manager.mount("snap", "A")
+    assert kernel.is_mountpoint(mp)
+    assert tree(mp) == before
+    st = os.stat(mp)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (1000, 0o770)
+    with open(mp / "edit.txt", "a") as f:
+        f.write("after\n")
+    (mp / "gone.txt").unlink()
+    (mp / "new.txt").write_text("new\n")
+    os.rename(mp / "dir", mp / "moved")
+    assert (mp / "edit.txt").read_text() == "before\nafter\n"
+    assert sorted(os.listdir(mp)) == ["edit.txt", "keep.txt", "moved", "new.txt"]
+    assert tree(source) == before  # the source is never written
+
+    manager.mount("snap", "B")
+    manager.unmount("snap", "A")
+    assert kernel.is_mountpoint(mp)
+    manager.unmount("snap", "B")
+    assert not kernel.is_mountpoint(mp)
+    # The clone's own changes persist in its upper across mounts.
+    mp = manager.mount("snap", "C")
+    assert sorted(os.listdir(mp)) == ["edit.txt", "keep.txt", "moved", "new.txt"]
+    assert (mp / "moved" / "sub" / "deep").read_text() == "deep\n"
+    status = manager.get("snap").status
+    assert status["From"] == "src" and status["Mounted"] and status["Size"] > 0
+    with pytest.raises(StrataError, match="cloned by snap"):
+        manager.remove("src")
+    manager.unmount("snap", "C")
+    manager.remove("snap")
+    manager.remove("src")
+
+
+def test_clone_of_a_clone(manager: VolumeManager, source: Path) -> None:
+    manager.create("c1", {"type": "clone", "from": "src"})
+    mp1 = manager.mount("c1", "A")
+    (mp1 / "keep.txt").write_text("changed in c1\n")
+    (mp1 / "gone.txt").unlink()
+    manager.unmount("c1", "A")
+    manager.create("c2", {"type": "clone", "from": "c1"})
+    mp2 = manager.mount("c2", "A")
+    assert (mp2 / "keep.txt").read_text() == "changed in c1\n"
+    assert not (mp2 / "gone.txt").exists()  # c1's whiteout hides it in c2 too
+    (mp2 / "edit.txt").write_text("c2 only\n")
+    manager.unmount("c2", "A")
+    assert (source / "edit.txt").read_text() == "before\n"
+    assert (source / "keep.txt").read_text() == "original\n"
+    assert sorted(n for n, _ in manager.prune()) == ["c1", "c2", "src"]  # clones before sources
+
+
+def test_clone_remounted_after_kill9_and_reboot(env: Env, service: Service, source: Path) -> None:
+    opts = {"type": "clone", "from": "src"}
+    assert service.call("/VolumeDriver.Create", {"Name": "cl", "Opts": opts}) == {}
+    mp = service.call("/VolumeDriver.Mount", {"Name": "cl", "ID": "a" * 64})["Mountpoint"]
+    Path(mp, "written").write_text("kept in the upper\n")
+    service.kill9()
+    assert kernel.is_mountpoint(mp)  # the FUSE daemon outlives the service
+    service.start()
+    assert service.call("/VolumeDriver.Get", {"Name": "cl"})["Volume"]["Status"]["MountCount"] == 1
+    service.stop()
+    kernel.umount(mp, kernel.MNT_DETACH)  # what a reboot does to the mount
+    service.start()
+    assert kernel.is_mountpoint(mp)
+    assert Path(mp, "written").read_text() == "kept in the upper\n"
+    assert Path(mp, "keep.txt").read_text() == "original\n"
+    st = service.call("/VolumeDriver.Get", {"Name": "cl"})["Volume"]["Status"]
+    assert "mounted again on recovery" in st["Note"] and "lost" not in st["Note"]
+    # The FUSE daemon dies: the mount answers ENOTCONN; a restart mounts it afresh.
+    daemons = fuse_daemons(Path(mp))  # the detached mount's daemon may not have exited yet
+    for pid in daemons:
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(OSError):
+        os.listdir(mp)
+    service.stop()
+    service.start()
+    assert Path(mp, "written").read_text() == "kept in the upper\n"
+    assert fuse_daemons(Path(mp)) - daemons
+    assert service.call("/VolumeDriver.Unmount", {"Name": "cl", "ID": "a" * 64}) == {}
+    assert not kernel.is_mountpoint(mp)
+
+
+def fuse_daemons(mountpoint: Path) -> set[int]:
+    """The strata-unionfs processes with mountpoint on their command line."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(b"strata-unionfs" in a for a in argv[:2]) and str(mountpoint).encode() in argv:
+                found.add(int(entry.name))
+    assert found, f"no strata-unionfs process for {mountpoint}"
+    return found
