@@ -17,7 +17,7 @@ COMMAND_MODULES: list[str] = []
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="strata", description="strata: containers on a Python storage stack")
+    parser = argparse.ArgumentParser(prog="strata", description="containers on a Python storage stack")
     parser.add_argument("--root", help="state root (default $STRATA_ROOT or /var/lib/strata)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -69,3 +69,18 @@ def is_mountpoint(path: str | os.PathLike[str]) -> bool:
     """True when something is mounted exactly at path (works for dead FUSE mounts too)."""
     target = os.path.realpath(path)
     return any(t == target for _, t, _, _ in mounts())
+
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+_AT_FDCWD = -100
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def rename2(src: str | os.PathLike[str], dst: str | os.PathLike[str], flags: int) -> None:
+    """renameat2(2): RENAME_WHITEOUT leaves an overlay whiteout where src was, in
+    the same atomic step, which is how the kernel's overlayfs removes lower names."""
+    if _libc.renameat2(_AT_FDCWD, _b(src), _AT_FDCWD, _b(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(src))

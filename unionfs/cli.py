@@ -1,0 +1,172 @@
+"""`strata-unionfs`: the mount program, with fuse-overlayfs's command line.
+
+    strata-unionfs [-f] [-d] -o lowerdir=A:B[,upperdir=U,workdir=W][,OPTS] MOUNTPOINT
+    strata-unionfs SOURCE MOUNTPOINT -o OPTS        (as mount.fuse3 calls it)
+    strata-unionfs --version
+
+It exits 0 only once the mount is live (the daemon goes on in the
+background), and otherwise non-zero with one line on stderr, which podman
+quotes to its user. Unmount with `fusermount3 -u MNT` or `umount MNT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import pyfuse3
+import trio
+
+from . import options
+from .errors import StrataError
+from .fs import UnionFS
+
+PROG = "strata-unionfs"
+VERSION = "0.1.0"
+# fuse-overlayfs reports its version this way; podman only checks that it runs.
+VERSION_TEXT = f"{PROG} version {VERSION}\nFUSE library version {pyfuse3.__version__} (pyfuse3)"
+
+# Mount flags the kernel mount itself takes (libfuse passes them on).
+_FUSE_MOUNT_FLAGS = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+                     "relatime", "norelatime", "strictatime", "nodiratime", "diratime", "sync", "async",
+                     "dirsync", "lazytime", "nolazytime"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise StrataError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="A copy-on-write union filesystem with the semantics and "
+                "on-disk format of overlayfs, on FUSE; a drop-in for fuse-overlayfs.",
+                epilog="Options: lowerdir=A:B (leftmost on top), upperdir=, workdir= (same filesystem "
+                "as upperdir; without them the mount is read-only), volatile, fsync=0|1, timeout=SECS, "
+                "squash_to_root, squash_to_uid=, squash_to_gid=, uidmapping=, gidmapping=, static_nlink, "
+                "noxattrs=1, and the generic mount options (ro, nodev, nosuid, noexec, noatime, ...). "
+                "See README.md for the full table.")
+    p.add_argument("source_or_mountpoint", nargs="?", help="MOUNTPOINT, or SOURCE when two are given")
+    p.add_argument("mountpoint", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("-o", dest="opts", action="append", default=[], metavar="OPTIONS",
+                   help="comma-separated mount options (may repeat)")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-d", "--debug", action="store_true", help="debug output (implies -f)")
+    p.add_argument("-V", "--version", action="store_true", help="print the version and exit")
+    return p
+
+
+def fuse_options(opts: options.MountOptions) -> set[str]:
+    flags = set(opts.kernel_flags) & _FUSE_MOUNT_FLAGS
+    if "nodev" not in flags:
+        flags.add("dev")
+    if "nosuid" not in flags:
+        flags.add("suid")
+    if opts.readonly or opts.upperdir is None:
+        flags.discard("rw")
+        flags.add("ro")
+    # allow_other: container processes run as any uid; default_permissions: the
+    # kernel checks modes against the attributes we report.
+    return flags | {f"fsname={opts.fsname}", f"subtype={PROG}", "default_permissions", "allow_other"}
+
+
+def _serve(ops: UnionFS) -> None:
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                    async for _ in sigs:
+                        pyfuse3.terminate()
+                        return
+            nursery.start_soon(on_signal)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+def _mount(ops_opts: options.MountOptions, mountpoint: str, debug: bool) -> UnionFS:
+    ops = UnionFS(ops_opts)
+    fopts = fuse_options(ops_opts)
+    if debug:
+        fopts.add("debug")
+    try:
+        pyfuse3.init(ops, mountpoint, fopts)
+    except RuntimeError as e:
+        raise StrataError(f"cannot mount on {mountpoint}: {e}") from None
+    return ops
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.version:
+            print(VERSION_TEXT)
+            return 0
+        mountpoint = args.mountpoint or args.source_or_mountpoint
+        if mountpoint is None:
+            raise StrataError("no mountpoint given")
+        opts = options.parse(args.opts)
+        if args.mountpoint and args.source_or_mountpoint and opts.fsname == "strata-unionfs":
+            opts.fsname = args.source_or_mountpoint
+        options.check_dirs(opts, mountpoint)
+        mountpoint = os.path.abspath(mountpoint)
+    except StrataError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    os.umask(0)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format=f"{PROG}: %(message)s")
+    if args.foreground or args.debug:
+        try:
+            ops = _mount(opts, mountpoint, args.debug)
+        except (StrataError, OSError) as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 1
+        _serve(ops)
+        return 0
+    return _daemonize(opts, mountpoint)
+
+
+def _daemonize(opts: options.MountOptions, mountpoint: str) -> int:
+    """Fork; the child mounts and reports back through a pipe, so the parent
+    exits 0 only once the mount is live, or 1 with the child's reason."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            msg = r.read().decode(errors="replace")
+        if msg == "ok":
+            return 0
+        os.waitpid(pid, 0)
+        print(f"{PROG}: {msg or 'the mount daemon died while starting'}", file=sys.stderr)
+        return 1
+    os.close(rfd)
+    os.setsid()
+    try:
+        ops = _mount(opts, mountpoint, False)
+    except (StrataError, OSError) as e:
+        os.write(wfd, str(e).encode())
+        os._exit(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os.chdir("/")
+    os.write(wfd, b"ok")
+    os.close(wfd)
+    try:
+        _serve(ops)
+    finally:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

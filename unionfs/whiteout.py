@@ -1,0 +1,60 @@
+"""Whiteout and opaque markers: every form is read, one form is written.
+
+Lower layers come from many writers: the kernel's overlayfs (char device 0/0,
+`trusted.overlay.opaque`), rootless overlayfs (`user.overlay.opaque`),
+fuse-overlayfs (`user.fuseoverlayfs.opaque`), and containers-storage / AUFS
+image layers (`.wh.NAME` files, `.wh..wh..opq`). The upper is written only in
+the kernel's form, so the kernel can mount it and show the same tree (the
+kernel shows a `.wh..wh..opq` file as a plain file, so that form is not
+written).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+WH_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+OPAQUE_XATTRS = (OPAQUE_XATTR, "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+# xattrs of the overlay machinery itself: never shown through the mount, never copied up.
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_marker(name: str) -> bool:
+    """A `.wh.`-prefixed name is overlay bookkeeping, never a visible entry."""
+    return name.startswith(WH_PREFIX)
+
+
+def whited_out_name(marker: str) -> str | None:
+    """`.wh.NAME` -> NAME; None for the opaque marker (it hides no single name)."""
+    if marker == OPAQUE_MARKER:
+        return None
+    return marker[len(WH_PREFIX):]
+
+
+def has_opaque_xattr(path: str) -> bool:
+    for name in OPAQUE_XATTRS:
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def is_private_xattr(name: str) -> bool:
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+def make_whiteout(path: str) -> None:
+    os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+def set_opaque(path: str) -> None:
+    os.setxattr(path, OPAQUE_XATTR, b"y", follow_symlinks=False)
