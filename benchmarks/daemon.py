@@ -63,8 +63,11 @@ def _wait_exit(pid: int, seconds: float) -> bool:
     return True
 
 
-def stop(pid: int, grace: float = 10.0) -> None:
-    """Wait for a daemon to exit after its unmount; kill it when it does not."""
+def stop(pid: int, terminate: bool = False, grace: float = 10.0) -> None:
+    """Wait for a daemon to exit after its unmount (SIGTERM first if terminate); kill it when it does not."""
+    if terminate:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     if _wait_exit(pid, grace):
         return
     with contextlib.suppress(ProcessLookupError):

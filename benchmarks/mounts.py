@@ -110,20 +110,27 @@ def _mount(system: System, cmd: list[str], mnt: Path, timeout: float) -> View:
 
 
 def _unmount(mnt: Path, pid: int | None) -> None:
+    was_mounted = _umount(mnt)
+    if pid is not None:
+        # A daemon interrupted before its mount went live would wait forever: ask it to go.
+        daemon.stop(pid, terminate=not was_mounted)
+        _umount(mnt)  # and one killed mid-start may have left its mount behind
+
+
+def _umount(mnt: Path) -> bool:
+    """Unmount mnt if something is mounted there (detached when it stays busy); whether it was."""
     for _ in range(100):
         if not kernel.is_mountpoint(mnt):
-            break
+            return False
         try:
             kernel.umount(mnt)
-            break
+            return True
         except OSError as e:
             if e.errno != errno.EBUSY:
                 raise
             time.sleep(0.05)
-    else:
-        kernel.umount(mnt, kernel.MNT_DETACH)
-    if pid is not None:
-        daemon.stop(pid)
+    kernel.umount(mnt, kernel.MNT_DETACH)
+    return True
 
 
 def abort(conn: int) -> None:
