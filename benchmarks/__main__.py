@@ -49,7 +49,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--format",
         choices=("table", "json"),
         default="table",
-        help="what to print when done: the Markdown table or the cell summary as JSON",
+        help="what to print when done: the Markdown table, or results.json",
     )
     return p.parse_args(argv)
 
@@ -73,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise StrataError("--reps must be at least 1")
             cfg = dataclasses.replace(cfg, reps=args.reps)
         out = args.out or RESULTS / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        if out.exists() and not out.is_dir():
+            raise StrataError(f"--out {out}: exists and is not a directory")
         signal.signal(signal.SIGTERM, _terminate)
         log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
         result = runner.run(cfg, [BY_KEY[k] for k in keys], args.workdir, log)

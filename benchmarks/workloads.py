@@ -176,8 +176,8 @@ def build(cfg: Config, ds: Dataset) -> list[Workload]:
         ),
         Workload("find-cold", f"find, cold ({len(ds.tree_paths)} entries)", "metadata", COLD, m, _find),
         Workload("find-warm", f"find, warm ({len(ds.tree_paths)} entries)", "metadata", WARM, m, _find),
-        Workload("stat-cold", "stat all, cold", "metadata", COLD, m, stat),
-        Workload("stat-warm", "stat all, warm", "metadata", WARM, m, stat),
+        Workload("stat-cold", f"stat all, cold ({len(ds.tree_paths)} entries)", "metadata", COLD, m, stat),
+        Workload("stat-warm", f"stat all, warm ({len(ds.tree_paths)} entries)", "metadata", WARM, m, stat),
         Workload("dd-cold", f"dd {cfg.big_mib} MiB, cold", "read", COLD, m, _dd),
         Workload("dd-warm", f"dd {cfg.big_mib} MiB, warm", "read", WARM, m, _dd),
         Workload(
