@@ -133,6 +133,8 @@ def _sample(w: Workload, s: System, scratch: Path, timeout: float) -> dict[str, 
             drop_caches()
         elif w.mode == WARM:
             _guarded(w, smp, v)
+        # Flush what earlier samples left dirty, so no sample pays for another's writeback.
+        os.sync()
         cpu0 = 0.0 if w.measures_mount or v.pid is None else daemon.cpu_seconds(v.pid)
         seconds = _guarded(w, smp, v)
         out: dict[str, Any] = {"seconds": seconds, "mount_seconds": v.mount_seconds}
