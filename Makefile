@@ -11,7 +11,7 @@ SBIN   := /usr/local/sbin
 
 # Debian packages: build deps of pyfuse3, the kernel-side tools, and the real clients
 # the tests drive (peers, docker, podman, registry).
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc attr psmisc e2fsprogs \
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch attr psmisc e2fsprogs \
 	fuse-overlayfs unionfs-fuse fio \
 	docker.io podman docker-registry skopeo busybox-static iproute2 iputils-ping
 
@@ -32,8 +32,21 @@ deps: .stamp-apt
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-.stamp-venv: pyproject.toml .stamp-apt | $(PY)
+# pyfuse3 with a small patch of ours (unionfs/pyfuse3-cache-readdir.patch): opendir may
+# return a FileInfo, so the kernel can cache directory listings (FOPEN_CACHE_DIR), as
+# fuse-overlayfs does. Built from PyPI's sdist; written so it can be offered upstream.
+PYFUSE3_VERSION := 3.5.0
+PYFUSE3_BUILD   := $(CURDIR)/build/pyfuse3
+.stamp-pyfuse3: unionfs/pyfuse3-cache-readdir.patch .stamp-apt | $(PY)
 	$(PY) -m pip install -q --upgrade pip
+	rm -rf $(PYFUSE3_BUILD) && mkdir -p $(PYFUSE3_BUILD)
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(PYFUSE3_BUILD) pyfuse3==$(PYFUSE3_VERSION)
+	tar -xzf $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION).tar.gz -C $(PYFUSE3_BUILD)
+	patch -s -d $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION) -p1 < unionfs/pyfuse3-cache-readdir.patch
+	$(PY) -m pip install -q --force-reinstall --no-deps $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION)
+	@touch $@
+
+.stamp-venv: pyproject.toml .stamp-pyfuse3
 	$(PY) -m pip install -q -e '.[test,bench]'
 	@touch $@
 
@@ -55,4 +68,4 @@ bench: install
 	$(PY) -m benchmarks $(if $(FULL),--full,)
 
 clean:
-	rm -rf $(VENV) .stamp-apt .stamp-venv
+	rm -rf $(VENV) build .stamp-apt .stamp-pyfuse3 .stamp-venv

@@ -1,2 +1,4 @@
 """The Docker plugin HTTP protocol: the VolumeDriver server over the volume
-manager, and a client for any Docker volume plugin."""
+manager (`server.PluginService`), a client for any Docker volume plugin
+(`client.PluginClient`, `client.discover`), and the shared request/response
+shapes (`protocol`)."""

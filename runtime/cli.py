@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from unionfs.errors import StrataError
 
 # Each module registers its verbs; add a group by adding its module here.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["runtime.cmd_volumes", "runtime.cmd_images"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -162,10 +162,12 @@ def _daemonize(opts: options.MountOptions, mountpoint: str) -> int:
     os.chdir("/")
     os.write(wfd, b"ok")
     os.close(wfd)
+    status = 1
     try:
         _serve(ops)
+        status = 0
     finally:
-        os._exit(0)
+        os._exit(status)
 
 
 if __name__ == "__main__":

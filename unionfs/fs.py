@@ -32,6 +32,10 @@ from .whiteout import is_marker, is_private_xattr, is_whiteout, make_whiteout, s
 
 log = logging.getLogger(__name__)
 
+# pyfuse3 as `make` builds it (unionfs/pyfuse3-cache-readdir.patch) lets opendir ask the
+# kernel to cache listings; a stock pyfuse3 still works, only slower on repeated listings.
+CACHE_READDIR = hasattr(FileInfo(), "cache_readdir")
+
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
@@ -540,8 +544,13 @@ class UnionFS(pyfuse3.Operations):
 
     # ---- directories ---------------------------------------------------------------------
 
-    async def opendir(self, inode: int, ctx: RequestContext) -> int:
-        return self._fh(DirHandle(self._node(inode)))
+    async def opendir(self, inode: int, ctx: RequestContext) -> FileInfo | int:
+        # Every change to a directory passes through the kernel, which drops its
+        # cached listing then: it may keep the listing as long as it likes.
+        fh = self._fh(DirHandle(self._node(inode)))
+        if not CACHE_READDIR:
+            return fh
+        return FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.handles.get(fh)

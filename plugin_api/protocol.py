@@ -1,0 +1,105 @@
+"""The Docker VolumeDriver plugin protocol: endpoint names, request parsing and
+validation, response shapes. Shared by the server and the client so both speak
+exactly what Docker Engine 20.10 speaks (see DESIGN.md): POST, JSON bodies sent
+without a Content-Type, `Opts` possibly null, errors as `{"Err": "..."}`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from unionfs.errors import StrataError
+
+ACCEPT = "application/vnd.docker.plugins.v1.2+json"
+CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+# Docker's requests are a few hundred bytes; anything near this is not a client we know.
+MAX_BODY = 64 * 1024
+
+ACTIVATE = "/Plugin.Activate"
+CREATE = "/VolumeDriver.Create"
+REMOVE = "/VolumeDriver.Remove"
+MOUNT = "/VolumeDriver.Mount"
+UNMOUNT = "/VolumeDriver.Unmount"
+PATH = "/VolumeDriver.Path"
+GET = "/VolumeDriver.Get"
+LIST = "/VolumeDriver.List"
+CAPABILITIES = "/VolumeDriver.Capabilities"
+ENDPOINTS = (ACTIVATE, CREATE, REMOVE, MOUNT, UNMOUNT, PATH, GET, LIST, CAPABILITIES)
+
+IMPLEMENTS = {"Implements": ["VolumeDriver"]}
+CAPABILITIES_RESPONSE = {"Capabilities": {"Scope": "local"}}
+
+
+class ProtocolError(StrataError):
+    """A request that is not valid VolumeDriver protocol; answered with Err."""
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """The request object. Docker sends an empty body to Activate and `{}` to List and
+    Capabilities, with no Content-Type, so the bytes are parsed whatever the headers say."""
+    if len(raw) > MAX_BODY:
+        raise ProtocolError(f"request body too large ({len(raw)} bytes, limit {MAX_BODY})")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"malformed JSON request body: {e}") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise ProtocolError(f"request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def _field(body: dict[str, Any], key: str) -> str:
+    if key not in body or body[key] is None:
+        raise ProtocolError(f"missing field {key!r}")
+    value = body[key]
+    if not isinstance(value, str):
+        raise ProtocolError(f"field {key!r} must be a string, not {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    name: str
+    opts: object  # checked by the volume manager: an object of strings, or null
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> CreateRequest:
+        return cls(_field(body, "Name"), body.get("Opts"))
+
+
+@dataclass(frozen=True)
+class NameRequest:
+    """Remove, Path and Get."""
+
+    name: str
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> NameRequest:
+        return cls(_field(body, "Name"))
+
+
+@dataclass(frozen=True)
+class MountRequest:
+    """Mount and Unmount: ID names one use of the volume (random per mount in Docker)."""
+
+    name: str
+    id: str
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> MountRequest:
+        return cls(_field(body, "Name"), _field(body, "ID"))
+
+
+def error(message: str) -> dict[str, Any]:
+    return {"Err": message}
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """JSON plus a newline, as Docker's own plugin helpers write it."""
+    return json.dumps(body).encode() + b"\n"

@@ -1,0 +1,192 @@
+"""The VolumeDriver plugin service: aiohttp on a unix socket, answering Docker
+Engine (or any client of the protocol) from a VolumeManager.
+
+Manager calls block (file I/O, fsync, mount, strata-unionfs start-up), so they
+run in worker threads; the manager's file locks keep them consistent with each
+other and with `strata volume` commands running at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from unionfs.errors import StrataError
+from volumes import VolumeManager
+from volumes.state import write_atomic
+
+from . import protocol as p
+
+log = logging.getLogger("strata.plugin")
+
+DEFAULT_NAME = "strata"
+SOCKET_DIR = Path("/run/docker/plugins")
+SPEC_DIR = Path("/etc/docker/plugins")
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class VolumePlugin:
+    """The eight endpoints over one manager."""
+
+    def __init__(self, manager: VolumeManager) -> None:
+        self.manager = manager
+        self.routes: dict[str, Handler] = {
+            p.ACTIVATE: self.activate, p.CREATE: self.create, p.REMOVE: self.remove,
+            p.MOUNT: self.mount, p.UNMOUNT: self.unmount, p.PATH: self.path,
+            p.GET: self.get, p.LIST: self.list, p.CAPABILITIES: self.capabilities,
+        }
+
+    async def activate(self, body: dict[str, Any]) -> dict[str, Any]:
+        return p.IMPLEMENTS
+
+    async def capabilities(self, body: dict[str, Any]) -> dict[str, Any]:
+        return p.CAPABILITIES_RESPONSE
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = p.CreateRequest.parse(body)
+        await asyncio.to_thread(self.manager.create, req.name, req.opts)
+        return {}
+
+    async def remove(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = p.NameRequest.parse(body)
+        await asyncio.to_thread(self.manager.remove, req.name)
+        return {}
+
+    async def mount(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = p.MountRequest.parse(body)
+        path = await asyncio.to_thread(self.manager.mount, req.name, req.id)
+        return {"Mountpoint": str(path)}
+
+    async def unmount(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = p.MountRequest.parse(body)
+        await asyncio.to_thread(self.manager.unmount, req.name, req.id)
+        return {}
+
+    async def path(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = p.NameRequest.parse(body)
+        return {"Mountpoint": str(await asyncio.to_thread(self.manager.path, req.name))}
+
+    async def get(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = p.NameRequest.parse(body)
+        vol = await asyncio.to_thread(self.manager.get, req.name)
+        return {"Volume": vol.to_docker()}
+
+    async def list(self, body: dict[str, Any]) -> dict[str, Any]:
+        vols = await asyncio.to_thread(self.manager.list_volumes)
+        return {"Volumes": [v.to_docker() for v in vols]}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        endpoint = request.path
+        try:
+            raw = await _read_limited(request)
+            body = p.decode_body(raw)
+            out = await self.routes[endpoint](body)
+            log.debug("%s %s -> %s", endpoint, body, out)
+        except StrataError as e:
+            log.info("%s: %s", endpoint, e)
+            out = p.error(str(e))
+        except Exception as e:  # a bug: answer Docker with a reason rather than a dropped connection
+            log.exception("%s failed", endpoint)
+            out = p.error(f"internal error in strata: {type(e).__name__}: {e}")
+        return web.Response(body=p.encode(out), content_type=p.CONTENT_TYPE)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=p.MAX_BODY)
+        for endpoint in self.routes:
+            app.router.add_post(endpoint, self.handle)
+        app.router.add_route("*", "/{tail:.*}", _unknown)
+        return app
+
+
+async def _unknown(request: web.Request) -> web.Response:
+    body = p.error(f"unknown endpoint {request.method} {request.path}")
+    return web.Response(status=404, body=p.encode(body), content_type=p.CONTENT_TYPE)
+
+
+async def _read_limited(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > p.MAX_BODY:
+        raise p.ProtocolError(f"request body too large ({request.content_length} bytes, limit {p.MAX_BODY})")
+    buf = bytearray()
+    while chunk := await request.content.read(p.MAX_BODY):
+        buf += chunk
+        if len(buf) > p.MAX_BODY:
+            raise p.ProtocolError(f"request body too large (over {p.MAX_BODY} bytes)")
+    return bytes(buf)
+
+
+def _claim_socket(path: Path) -> None:
+    """Remove a stale socket left by a killed server; refuse if a live one answers."""
+    if not path.exists() and not path.is_symlink():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            path.unlink()
+            return
+    raise StrataError(f"another server is already listening on {path}")
+
+
+def spec_path_for(name: str, socket_path: Path, spec_dir: Path = SPEC_DIR) -> Path | None:
+    """Docker finds NAME.sock in /run/docker/plugins by itself; anywhere else it needs a spec file."""
+    return None if socket_path == SOCKET_DIR / f"{name}.sock" else spec_dir / f"{name}.spec"
+
+
+class PluginService:
+    """The running service: socket, optional spec file, and clean shutdown."""
+
+    def __init__(
+        self, manager: VolumeManager, socket_path: Path, spec_path: Path | None = None
+    ) -> None:
+        self.manager = manager
+        self.socket_path = socket_path
+        self.spec_path = spec_path
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        for line in await asyncio.to_thread(self.manager.recover):
+            log.warning("recovery: %s", line)
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        _claim_socket(self.socket_path)
+        self._runner = web.AppRunner(VolumePlugin(self.manager).app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        old = os.umask(0o177)  # the socket is born 0600: Docker runs as root, nobody else may mount
+        try:
+            await web.UnixSite(self._runner, str(self.socket_path)).start()
+        finally:
+            os.umask(old)
+        if self.spec_path is not None:
+            self.spec_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.spec_path, f"unix://{self.socket_path}\n".encode())
+        log.info("serving the VolumeDriver protocol on %s", self.socket_path)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for path in (self.spec_path, self.socket_path):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

@@ -1,0 +1,169 @@
+"""`strata volume create|ls|inspect|rm|prune` and `strata serve` (the Docker
+volume plugin service). Both work on the same state under the state root, so
+the commands act correctly whether or not the service is running."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from plugin_api.server import DEFAULT_NAME, SOCKET_DIR, SPEC_DIR, PluginService, spec_path_for
+from unionfs.errors import StrataError
+from volumes import Volume, VolumeManager
+
+from .output import human_size, print_json, print_table
+
+
+def _key_values(items: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StrataError(f"invalid {what} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _manager(args: argparse.Namespace) -> VolumeManager:
+    return VolumeManager.open(args.root, args.config)
+
+
+def _inspect_json(vol: Volume) -> dict[str, Any]:
+    return {
+        "Name": vol.name, "Driver": "strata", "Type": vol.type, "Mountpoint": str(vol.mountpoint),
+        "CreatedAt": vol.created_at, "Options": vol.options, "Labels": vol.labels, "Scope": "local",
+        "Status": vol.status,
+    }
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    name = args.name or secrets.token_hex(32)  # docker names anonymous volumes the same way
+    vol = _manager(args).create(name, _key_values(args.opt, "option"), _key_values(args.label, "label"))
+    print(vol.name)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    vols = _manager(args).list_volumes(with_status=not args.quiet)
+    if args.quiet:
+        for v in vols:
+            print(v.name)
+    elif args.format == "json":
+        print_json([_inspect_json(v) for v in vols])
+    else:
+        print_table(
+            ["VOLUME NAME", "TYPE", "MOUNTS", "SIZE", "CREATED"],
+            [[v.name, v.type, v.status["MountCount"], human_size(v.status.get("Size") or 0), v.created_at]
+             for v in vols],
+        )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    mgr = _manager(args)
+    found, errors = [], []
+    for name in args.names:
+        try:
+            found.append(_inspect_json(mgr.get(name)))
+        except StrataError as e:
+            errors.append(str(e))
+    print_json(found)
+    for message in errors:
+        print(f"strata: {message}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    mgr, failed = _manager(args), False
+    for name in args.names:
+        try:
+            mgr.remove(name)
+            print(name)
+        except StrataError as e:
+            print(f"strata: {e}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    if not args.force:
+        if not sys.stdin.isatty():
+            raise StrataError("prune removes every unused volume and its data: pass -f to confirm")
+        answer = input("WARNING! This will remove all volumes not mounted by anything. Continue? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            return 1
+    removed = _manager(args).prune()
+    if removed:
+        print("Deleted Volumes:")
+        for name, _ in removed:
+            print(name)
+        print()
+    print(f"Total reclaimed space: {human_size(sum(size for _, size in removed))}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO, format="strata serve: %(levelname)s %(message)s"
+    )
+    socket_path = Path(args.socket) if args.socket else SOCKET_DIR / f"{args.name}.sock"
+    if not socket_path.is_absolute():
+        raise StrataError(f"--socket must be an absolute path, not {args.socket}")
+    spec = spec_path_for(args.name, socket_path, Path(args.spec_dir))
+    service = PluginService(_manager(args), socket_path, spec)
+    asyncio.run(service.run_until_signalled())
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
+        "--config", help="volume config file (default $STRATA_VOLUMES_CONFIG or /etc/strata/volumes.json)"
+    )
+
+    vol = sub.add_parser("volume", help="manage volumes", description="Manage strata volumes.")
+    vsub = vol.add_subparsers(dest="volume_command", metavar="COMMAND", required=True)
+
+    p = vsub.add_parser(
+        "create", parents=[config], help="create a volume",
+        description="Create a volume. Types: local (default), bind (device=), clone (from=), tmpfs (size=); "
+        "all but bind take uid=, gid=, mode=.",
+    )
+    p.add_argument("name", nargs="?", help="volume name (random if omitted)")
+    p.add_argument("-o", "--opt", action="append", metavar="KEY=VALUE", help="driver option, e.g. type=tmpfs")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="set a label")
+    p.set_defaults(func=cmd_create)
+
+    p = vsub.add_parser("ls", aliases=["list"], parents=[config], help="list volumes")
+    p.add_argument("-q", "--quiet", action="store_true", help="only names")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_ls)
+
+    p = vsub.add_parser("inspect", parents=[config], help="show volumes in detail (JSON)")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.set_defaults(func=cmd_inspect)
+
+    p = vsub.add_parser("rm", aliases=["remove"], parents=[config], help="remove unused volumes")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.set_defaults(func=cmd_rm)
+
+    p = vsub.add_parser("prune", parents=[config], help="remove all volumes nothing has mounted")
+    p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "serve", parents=[config], help="run the Docker volume plugin service",
+        description="Serve the Docker VolumeDriver protocol on a unix socket until SIGTERM. "
+        "Use with: docker volume create -d strata [-o type=...] NAME",
+    )
+    p.add_argument("--name", default=DEFAULT_NAME, help="plugin name Docker knows it by (default strata)")
+    p.add_argument("--socket", help="socket path (default /run/docker/plugins/NAME.sock; elsewhere a "
+                   "spec file is written for Docker)")
+    p.add_argument("--spec-dir", default=str(SPEC_DIR), help="where to write NAME.spec (default %(default)s)")
+    p.add_argument("-d", "--debug", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)

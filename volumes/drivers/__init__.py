@@ -1,0 +1,25 @@
+"""Volume drivers, chosen per volume with `-o type=NAME`: local (default), bind,
+clone, tmpfs. `driver_for(type)` gives the one to use."""
+
+from __future__ import annotations
+
+from unionfs.errors import StrataError
+
+from .base import DATA, Driver, DriverContext, refuse_unknown
+from .bind import BindDriver
+from .clone import CloneDriver
+from .local import LocalDriver
+from .tmpfs import TmpfsDriver
+
+DEFAULT_TYPE = "local"
+DRIVERS: dict[str, Driver] = {d.type: d for d in (LocalDriver(), BindDriver(), CloneDriver(), TmpfsDriver())}
+
+
+def driver_for(type_: str) -> Driver:
+    try:
+        return DRIVERS[type_]
+    except KeyError:
+        raise StrataError(f"unknown volume type {type_!r} (known: {', '.join(sorted(DRIVERS))})") from None
+
+
+__all__ = ["DATA", "DEFAULT_TYPE", "DRIVERS", "Driver", "DriverContext", "driver_for", "refuse_unknown"]

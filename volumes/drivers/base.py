@@ -1,0 +1,103 @@
+"""What every volume driver provides to the manager.
+
+A driver owns the files inside one volume's directory and the meaning of its
+options. The manager does the bookkeeping (names, records, reference counts,
+locks) and calls the driver at these points: ``validate`` and ``build`` at
+create time (``build`` fills a private staging directory), ``provision`` on the
+first Mount and ``release`` after the last Unmount, ``layers`` when another
+volume is cloned from this one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from unionfs import kernel
+from unionfs.errors import StrataError
+
+from ..config import VolumeConfig
+from ..state import VolumeRecord
+
+DATA = "_data"
+
+
+@dataclass(frozen=True)
+class DriverContext:
+    config: VolumeConfig
+    # The content of another volume as overlay lower layers, top first (for clones).
+    layers_of: Callable[[str], list[Path]]
+
+
+class Driver(ABC):
+    type: ClassVar[str]
+    # Option keys this driver accepts besides "type"; anything else is refused.
+    accepted: ClassVar[frozenset[str]]
+    # True when provisioning is a real mount that a reboot undoes and recovery must redo.
+    mounts: ClassVar[bool] = False
+
+    def validate(self, name: str, opts: dict[str, str], ctx: DriverContext) -> dict[str, str]:
+        """Check the options (types, ranges, references); return them normalised for the record."""
+        return opts
+
+    @abstractmethod
+    def build(self, rec: VolumeRecord, staging: Path, ctx: DriverContext) -> None:
+        """Create the volume's files in its (not yet visible) staging directory."""
+
+    def mountpoint(self, rec: VolumeRecord, vdir: Path) -> Path:
+        return vdir / DATA
+
+    def is_provisioned(self, rec: VolumeRecord, vdir: Path) -> bool:
+        return True
+
+    def provision(self, rec: VolumeRecord, vdir: Path, ctx: DriverContext) -> None:  # noqa: B027
+        """Make the mountpoint usable (first Mount); must be idempotent."""
+
+    def release(self, rec: VolumeRecord, vdir: Path) -> None:  # noqa: B027
+        """Undo provision (last Unmount); must not fail once the users are gone."""
+
+    @abstractmethod
+    def layers(self, rec: VolumeRecord, vdir: Path, ctx: DriverContext) -> list[Path]:
+        """This volume's content as read-only overlay lower layers, top first."""
+
+    def status(self, rec: VolumeRecord, vdir: Path) -> dict[str, Any]:
+        """Driver details for Get's Status (beyond the manager's common fields)."""
+        return {}
+
+
+def unmount_quietly(target: Path) -> None:
+    """Unmount target, falling back to a lazy detach if something still holds it busy:
+    Docker ignores Unmount errors, so failing here would only leak a reference."""
+    if not kernel.is_mountpoint(target):
+        return
+    try:
+        kernel.umount(target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            kernel.umount(target, kernel.MNT_DETACH)
+
+
+def set_owner_and_mode(path: Path, uid: int, gid: int, mode: int) -> None:
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+
+
+def refuse_unknown(type_: str, opts: dict[str, str], accepted: frozenset[str]) -> None:
+    unknown = sorted(set(opts) - accepted - {"type"})
+    if not unknown:
+        return
+    if "size" in unknown:
+        raise StrataError(
+            f"option size: type={type_} volumes cannot enforce a size limit here; use type=tmpfs,size=..."
+        )
+    allowed = ", ".join(sorted(accepted)) or "none"
+    raise StrataError(f"unknown option {unknown[0]!r} for type={type_} (accepted: {allowed})")
+
+
+def not_mounted_error(what: str, path: Path, err: OSError) -> StrataError:
+    return StrataError(f"cannot mount {what} at {path}: {err.strerror or err}")
