@@ -132,11 +132,11 @@ def _sample(w: Workload, s: System, scratch: Path, timeout: float) -> dict[str, 
         if w.mode == COLD:
             drop_caches()
         elif w.mode == WARM:
-            _guarded(w, smp, v)
+            _guarded(w.warm_up or w.run, smp, v)
         # Flush what earlier samples left dirty, so no sample pays for another's writeback.
         os.sync()
         cpu0 = 0.0 if w.measures_mount or v.pid is None else daemon.cpu_seconds(v.pid)
-        seconds = _guarded(w, smp, v)
+        seconds = _guarded(w.run, smp, v)
         out: dict[str, Any] = {"seconds": seconds, "mount_seconds": v.mount_seconds}
         if v.pid is not None:
             out["daemon_cpu_seconds"] = daemon.cpu_seconds(v.pid) - cpu0
@@ -144,7 +144,7 @@ def _sample(w: Workload, s: System, scratch: Path, timeout: float) -> dict[str, 
         return out
 
 
-def _guarded(w: Workload, smp: Sample, v: mounts.View) -> float:
+def _guarded(run: Callable[[Sample], float], smp: Sample, v: mounts.View) -> float:
     """Run the workload; a FUSE daemon that hangs past the timeout gets its connection aborted."""
     fired = threading.Event()
 
@@ -157,7 +157,7 @@ def _guarded(w: Workload, smp: Sample, v: mounts.View) -> float:
     timer.daemon = True
     timer.start()
     try:
-        seconds = w.run(smp)
+        seconds = run(smp)
     except Exception:
         if fired.is_set():
             raise TimeoutError(f"no answer within {smp.timeout:.0f} s (FUSE connection aborted)") from None
