@@ -119,9 +119,16 @@ def _log_y(ax: Any) -> None:
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)
     low, high = ax.get_ylim()
-    # Label the 2..9 ticks too only when the axis spans too few decades to show a major one.
-    ax.yaxis.set_minor_formatter(plain if math.log10(high / low) < 1.2 else NullFormatter())
+    # On a short axis label the 2 and 5 ticks too, or a single power of ten would be all it shows.
+    if math.log10(high / low) < 2.5:
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if _mantissa(v) in (2, 5) else ""))
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
+def _mantissa(v: float) -> int:
+    return round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
 
 
 def _wrap(text: str, width: int = 22) -> str:
