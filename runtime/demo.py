@@ -19,10 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from runtime.busybox import build_rootfs
 from unionfs.kernel import mounts
 
 STRATA = str(Path(sys.executable).with_name("strata"))
-BUSYBOX = "/bin/busybox"
 
 
 def say(text: str) -> None:
@@ -40,23 +40,6 @@ def strata(root: Path, *args: str, show: bool = True) -> str:
         sys.stderr.write(res.stderr)
         raise SystemExit(f"demo: `strata {' '.join(args)}` failed ({res.returncode})")
     return res.stdout
-
-
-def build_rootfs(top: Path) -> None:
-    """busybox-static plus a symlink per applet: a whole userland in one binary."""
-    if not os.path.exists(BUSYBOX):
-        raise SystemExit(f"demo: {BUSYBOX} missing: apt-get install busybox-static (make deps)")
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
-    for d in ("bin", "etc", "tmp", "root", "data"):
-        (top / d).mkdir(parents=True, exist_ok=True)
-    (top / "tmp").chmod(0o1777)
-    shutil.copy2(BUSYBOX, top / "bin/busybox")
-    for applet in applets:
-        if applet != "busybox":
-            (top / "bin" / applet).symlink_to("busybox")
-    (top / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
-    (top / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
-    (top / "etc/motd").write_text("welcome to the busybox image\n")
 
 
 def describe(root: Path) -> None:
@@ -80,7 +63,8 @@ def main() -> int:
     root = base / "state"
     try:
         say("build the default image from Debian's busybox-static")
-        build_rootfs(base / "rootfs")
+        build_rootfs(base / "rootfs", extra_dirs=["data"],
+                     files=[("etc/motd", b"welcome to the busybox image\n")])
         strata(root, "import", str(base / "rootfs"), "busybox:latest")
         strata(root, "images")
 

@@ -59,11 +59,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.busybox import build_rootfs
+
 LOCK_PATH = "/run/lock/strata-dockerd.lock"
 SOCKET_PATH = "/var/run/docker.sock"
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"
-BUSYBOX = "/bin/busybox"
 # dockerd must find Debian's containerd, runc and docker-init, not anything in /usr/local.
 _DAEMON_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _START_TIMEOUT = 60.0
@@ -318,24 +319,8 @@ def busybox_rootfs_tar(
     """A minimal image rootfs tarball for `docker import`: Debian busybox-static's
     /bin/busybox plus a symlink per applet, /etc/passwd, /tmp, and the extra
     directories (relative paths, e.g. "data") and files (path, content) asked for."""
-    if not os.path.exists(BUSYBOX):
-        raise DockerdError(f"{BUSYBOX} missing: apt-get install busybox-static")
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
     with tempfile.TemporaryDirectory(prefix="bbroot-") as tmp:
-        top = Path(tmp)
-        for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root", *extra_dirs):
-            (top / d).mkdir(parents=True, exist_ok=True)
-        (top / "tmp").chmod(0o1777)
-        shutil.copy2(BUSYBOX, top / "bin/busybox")
-        for applet in applets:
-            if applet != "busybox":
-                (top / "bin" / applet).symlink_to("busybox")
-        (top / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
-        (top / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
-        for rel, content in files:
-            p = top / rel
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(content)
+        top = build_rootfs(Path(tmp), extra_dirs, files)
         tmp_tar = dest.with_name(dest.name + ".part")
         with tarfile.open(tmp_tar, "w") as tf:
             for entry in sorted(top.iterdir()):
