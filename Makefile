@@ -32,17 +32,17 @@ deps: .stamp-apt
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# pyfuse3 with a small patch of ours (unionfs/pyfuse3-cache-readdir.patch): opendir may
-# return a FileInfo, so the kernel can cache directory listings (FOPEN_CACHE_DIR), as
-# fuse-overlayfs does. Built from PyPI's sdist; written so it can be offered upstream.
+# pyfuse3 with a small patch of ours (unionfs/pyfuse3.patch, its head says what each
+# part does and what it measured): listings the kernel may cache, a main loop without
+# trio, faster import. Built from PyPI's sdist; written so it can be offered upstream.
 PYFUSE3_VERSION := 3.5.0
 PYFUSE3_BUILD   := $(CURDIR)/build/pyfuse3
-.stamp-pyfuse3: unionfs/pyfuse3-cache-readdir.patch .stamp-apt | $(PY)
+.stamp-pyfuse3: unionfs/pyfuse3.patch .stamp-apt | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	rm -rf $(PYFUSE3_BUILD) && mkdir -p $(PYFUSE3_BUILD)
 	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(PYFUSE3_BUILD) pyfuse3==$(PYFUSE3_VERSION)
 	tar -xzf $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION).tar.gz -C $(PYFUSE3_BUILD)
-	patch -s -d $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION) -p1 < unionfs/pyfuse3-cache-readdir.patch
+	patch -s -d $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION) -p1 < unionfs/pyfuse3.patch
 	$(PY) -m pip install -q --force-reinstall --no-deps $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION)
 	@touch $@
 

@@ -15,8 +15,7 @@ import inspect
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,37 +31,27 @@ from .whiteout import is_marker, is_private_xattr, is_whiteout, make_whiteout, s
 
 log = logging.getLogger(__name__)
 
-# pyfuse3 as `make` builds it (unionfs/pyfuse3-cache-readdir.patch) lets opendir ask the
-# kernel to cache listings; a stock pyfuse3 still works, only slower on repeated listings.
-CACHE_READDIR = hasattr(FileInfo(), "cache_readdir")
-
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
-@contextmanager
-def _errno() -> Iterator[None]:
-    """Let real-filesystem errors reach the caller as the same errno."""
-    try:
-        yield
-    except FUSEError:
-        raise
-    except OSError as e:
-        raise FUSEError(e.errno or errno.EIO) from e
-    except Exception as e:
-        # A bug must cost one request, not the whole mount.
-        log.exception("internal error")
-        raise FUSEError(errno.EIO) from e
-
-
 def _guarded(cls: type[pyfuse3.Operations]) -> type[pyfuse3.Operations]:
-    """Wrap every FUSE handler in _errno, so no exception can end the session loop."""
+    """Wrap every FUSE handler so that no exception can end the session loop:
+    real-filesystem errors reach the caller as the same errno, and a bug costs
+    one request (EIO, logged), not the whole mount."""
     for name, fn in list(vars(cls).items()):
         if inspect.iscoroutinefunction(fn) and hasattr(pyfuse3.Operations, name):
             def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
                 @functools.wraps(fn)
                 async def handler(*args: Any) -> Any:
-                    with _errno():
+                    try:
                         return await fn(*args)
+                    except FUSEError:
+                        raise
+                    except OSError as e:
+                        raise FUSEError(e.errno or errno.EIO) from e
+                    except Exception as e:
+                        log.exception("internal error")
+                        raise FUSEError(errno.EIO) from e
                 return handler
             setattr(cls, name, wrap(fn))
     return cls
@@ -95,6 +84,7 @@ class UnionFS(pyfuse3.Operations):
         self.handles: dict[int, DirHandle | FileHandle] = {}
         self._next_fh = 1
         self.timeout = opts.timeout
+        self._euid, self._egid = os.geteuid(), os.getegid()
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -164,7 +154,9 @@ class UnionFS(pyfuse3.Operations):
     def _resolve(self, parent: Node, name: str) -> Entry | None:
         if is_marker(name):
             return None
-        return self.stack.child(parent.path, parent.lowers, name, with_upper=self.stack.has_upper)
+        # Nothing is in the upper below a directory that is not: this process
+        # copies a directory up before it puts anything in it.
+        return self.stack.child(parent.path, parent.lowers, name, with_upper=parent.in_upper)
 
     def _child(self, parent: Node, name: str) -> tuple[Entry, Node]:
         entry = self._resolve(parent, name)
@@ -250,13 +242,15 @@ class UnionFS(pyfuse3.Operations):
             over_whiteout = False
         path = work.temp() if over_whiteout else target
         make(path)
+        is_dir = mode is not None and stat.S_ISDIR(mode)
         try:
-            os.chown(path, uid, gid, follow_symlinks=False)
+            # New entries belong to this process, or take the parent's group when it is setgid.
+            if uid != self._euid or (not setgid and gid != self._egid):
+                os.chown(path, uid, gid, follow_symlinks=False)
             if mode is not None:
-                if setgid and stat.S_ISDIR(mode):
+                if setgid and is_dir:
                     mode |= stat.S_ISGID
                 os.chmod(path, stat.S_IMODE(mode))
-            is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
             if is_dir and (over_whiteout or parent.lowers):
                 # As the kernel does: nothing below can show through a new directory.
                 set_opaque(path)
@@ -270,27 +264,30 @@ class UnionFS(pyfuse3.Operations):
         except BaseException:
             work.discard(path)
             raise
-        return self._child(parent, name)
+        entry = Entry(UPPER, os.lstat(target))
+        return entry, self.table.attach(rel, entry)
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
         parent = self._node(parent_inode)
         sname = os.fsdecode(name)
-        with _errno():
-            if sname == ".":
-                node = parent
-            elif sname == "..":
-                node = self.table.by_path.get(os.path.dirname(parent.path), self.table.root)
-            else:
-                entry = self._resolve(parent, sname)
-                if entry is None:
-                    neg = EntryAttributes()
-                    neg.st_ino = 0
-                    neg.entry_timeout = self.timeout
-                    return neg
-                node = self.table.attach(join(parent.path, sname), entry)
-            attrs = self._attrs(node, self._stat(node))
+        if sname == ".":
+            node = parent
+        elif sname == "..":
+            node = self.table.by_path.get(os.path.dirname(parent.path), self.table.root)
+        else:
+            entry = self._resolve(parent, sname)
+            if entry is None:
+                neg = EntryAttributes()
+                neg.st_ino = 0
+                neg.entry_timeout = self.timeout
+                return neg
+            node = self.table.attach(join(parent.path, sname), entry)
+            attrs = self._attrs(node, entry.st)
             self.table.lookup(node)
             return attrs
+        attrs = self._attrs(node, self._stat(node))
+        self.table.lookup(node)
+        return attrs
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
@@ -298,46 +295,42 @@ class UnionFS(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: RequestContext | None = None) -> EntryAttributes:
         node = self._node(inode)
-        with _errno():
-            return self._attrs(node, self._stat(node))
+        return self._attrs(node, self._stat(node))
 
     async def setattr(self, inode: int, attr: EntryAttributes, fields: SetattrFields,
                       fh: int | None, ctx: RequestContext) -> EntryAttributes:
         node = self._node(inode)
-        with _errno():
-            self._copy_up(node, data=not (fields.update_size and attr.st_size == 0))
-            path = self._real(node)
-            handle = self.handles.get(fh) if fh is not None else None
-            if fields.update_uid or fields.update_gid:
-                uid = self._uid_out(attr.st_uid) if fields.update_uid else -1
-                gid = self._gid_out(attr.st_gid) if fields.update_gid else -1
-                os.chown(path, uid, gid, follow_symlinks=False)
-            if fields.update_mode and not stat.S_ISLNK(attr.st_mode):
-                os.chmod(path, stat.S_IMODE(attr.st_mode))
-            if fields.update_size:
-                if isinstance(handle, FileHandle):
-                    os.ftruncate(handle.fd, attr.st_size)
-                else:
-                    os.truncate(path, attr.st_size)
-            if fields.update_atime or fields.update_mtime:
-                st = os.lstat(path)
-                atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-                mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-                os.utime(path, ns=(atime, mtime), follow_symlinks=False)
-            return self._attrs(node, self._stat(node))
+        self._copy_up(node, data=not (fields.update_size and attr.st_size == 0))
+        path = self._real(node)
+        handle = self.handles.get(fh) if fh is not None else None
+        if fields.update_uid or fields.update_gid:
+            uid = self._uid_out(attr.st_uid) if fields.update_uid else -1
+            gid = self._gid_out(attr.st_gid) if fields.update_gid else -1
+            os.chown(path, uid, gid, follow_symlinks=False)
+        if fields.update_mode and not stat.S_ISLNK(attr.st_mode):
+            os.chmod(path, stat.S_IMODE(attr.st_mode))
+        if fields.update_size:
+            if isinstance(handle, FileHandle):
+                os.ftruncate(handle.fd, attr.st_size)
+            else:
+                os.truncate(path, attr.st_size)
+        if fields.update_atime or fields.update_mtime:
+            st = os.lstat(path)
+            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+        return self._attrs(node, self._stat(node))
 
     async def readlink(self, inode: int, ctx: RequestContext) -> bytes:
         node = self._node(inode)
-        with _errno():
-            return os.fsencode(os.readlink(self._real(node)))
+        return os.fsencode(os.readlink(self._real(node)))
 
     def _new(self, parent_inode: int, name: bytes, ctx: RequestContext,
              make: Callable[[str], None], mode: int | None) -> EntryAttributes:
         parent = self._node(parent_inode)
-        with _errno():
-            entry, node = self._create_entry(parent, os.fsdecode(name), ctx, make, mode)
-            self.table.lookup(node)
-            return self._attrs(node, entry.st)
+        entry, node = self._create_entry(parent, os.fsdecode(name), ctx, make, mode)
+        self.table.lookup(node)
+        return self._attrs(node, entry.st)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: RequestContext) -> EntryAttributes:
@@ -356,25 +349,24 @@ class UnionFS(pyfuse3.Operations):
         node = self._node(inode)
         parent = self._node(new_parent_inode)
         name = os.fsdecode(new_name)
-        with _errno():
-            work = self._writable()
-            if node.is_dir:
-                raise FUSEError(errno.EPERM)
-            if self._resolve(parent, name) is not None:
-                raise FUSEError(errno.EEXIST)
-            self._copy_up(node)
-            self._copy_up(parent)
-            rel = join(parent.path, name)
-            target = self.stack.real(UPPER, rel)
-            if os.path.lexists(target):  # a whiteout: link beside it, then replace it
-                tmp = work.temp()
-                os.link(self._real(node), tmp)
-                os.rename(tmp, target)
-            else:
-                os.link(self._real(node), target)
-            node.aliases.add(rel)
-            self.table.lookup(node)
-            return self._attrs(node, self._stat(node))
+        work = self._writable()
+        if node.is_dir:
+            raise FUSEError(errno.EPERM)
+        if self._resolve(parent, name) is not None:
+            raise FUSEError(errno.EEXIST)
+        self._copy_up(node)
+        self._copy_up(parent)
+        rel = join(parent.path, name)
+        target = self.stack.real(UPPER, rel)
+        if os.path.lexists(target):  # a whiteout: link beside it, then replace it
+            tmp = work.temp()
+            os.link(self._real(node), tmp)
+            os.rename(tmp, target)
+        else:
+            os.link(self._real(node), target)
+        node.aliases.add(rel)
+        self.table.lookup(node)
+        return self._attrs(node, self._stat(node))
 
     # ---- removal and rename ------------------------------------------------------------
 
@@ -412,19 +404,16 @@ class UnionFS(pyfuse3.Operations):
         self.table.removed(rel)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        with _errno():
-            self._remove(self._node(parent_inode), os.fsdecode(name), want_dir=False)
+        self._remove(self._node(parent_inode), os.fsdecode(name), want_dir=False)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        with _errno():
-            self._remove(self._node(parent_inode), os.fsdecode(name), want_dir=True)
+        self._remove(self._node(parent_inode), os.fsdecode(name), want_dir=True)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: RequestContext) -> None:
         old_parent, new_parent = self._node(parent_inode_old), self._node(parent_inode_new)
         old, new = os.fsdecode(name_old), os.fsdecode(name_new)
-        with _errno():
-            self._rename(old_parent, old, new_parent, new, flags)
+        self._rename(old_parent, old, new_parent, new, flags)
 
     def _rename(self, old_parent: Node, old: str, new_parent: Node, new: str, flags: int) -> None:
         work = self._writable()
@@ -485,11 +474,10 @@ class UnionFS(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
         node = self._node(inode)
-        with _errno():
-            if flags & WRITE_FLAGS:
-                self._copy_up(node, data=not flags & os.O_TRUNC)
-            fd = os.open(self._real(node), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
-            return FileInfo(fh=self._fh(FileHandle(node, fd)), keep_cache=True)
+        if flags & WRITE_FLAGS:
+            self._copy_up(node, data=not flags & os.O_TRUNC)
+        fd = os.open(self._real(node), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
+        return FileInfo(fh=self._fh(FileHandle(node, fd)), keep_cache=True)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
@@ -499,16 +487,15 @@ class UnionFS(pyfuse3.Operations):
         def make(path: str) -> None:
             opened.append(os.open(path, (flags | os.O_CREAT | os.O_EXCL) & ~os.O_TRUNC, 0o600))
 
-        with _errno():
-            try:
-                entry, node = self._create_entry(parent, os.fsdecode(name), ctx, make, mode)
-            except BaseException:
-                for fd in opened:
-                    os.close(fd)
-                raise
-            self.table.lookup(node)
-            fh = self._fh(FileHandle(node, opened[0]))
-            return FileInfo(fh=fh, keep_cache=True), self._attrs(node, entry.st)
+        try:
+            entry, node = self._create_entry(parent, os.fsdecode(name), ctx, make, mode)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        self.table.lookup(node)
+        fh = self._fh(FileHandle(node, opened[0]))
+        return FileInfo(fh=fh, keep_cache=True), self._attrs(node, entry.st)
 
     def _file(self, fh: int) -> FileHandle:
         h = self.handles.get(fh)
@@ -517,15 +504,13 @@ class UnionFS(pyfuse3.Operations):
         return h
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        with _errno():
-            return os.pread(self._file(fh).fd, size, off)
+        return os.pread(self._file(fh).fd, size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        with _errno():
-            return os.pwrite(self._file(fh).fd, buf, off)
+        return os.pwrite(self._file(fh).fd, buf, off)
 
-    async def flush(self, fh: int) -> None:
-        pass
+    # No flush handler: pyfuse3 answers ENOSYS, and the kernel then stops sending
+    # FLUSH, one round trip less on every close(). Nothing here needs it.
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
@@ -537,41 +522,38 @@ class UnionFS(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         if not self.opts.fsync:
             return
-        with _errno():
-            fd = self._file(fh).fd
-            if datasync:
-                os.fdatasync(fd)
-            else:
-                os.fsync(fd)
+        fd = self._file(fh).fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
 
     # ---- directories ---------------------------------------------------------------------
 
-    async def opendir(self, inode: int, ctx: RequestContext) -> FileInfo | int:
+    async def opendir(self, inode: int, ctx: RequestContext) -> FileInfo:
         # Every change to a directory passes through the kernel, which drops its
-        # cached listing then: it may keep the listing as long as it likes.
+        # cached listing then: it may keep the listing as long as it likes
+        # (cache_readdir is our pyfuse3 patch, unionfs/pyfuse3.patch).
         fh = self._fh(DirHandle(self._node(inode)))
-        if not CACHE_READDIR:
-            return fh
         return FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.handles.get(fh)
         if not isinstance(h, DirHandle):
             raise FUSEError(errno.EBADF)
-        with _errno():
-            node = h.node
-            if h.names is None or start_id == 0:
-                h.names = self.stack.listing(node.path, node.in_upper, node.lowers)
-            for i in range(start_id, len(h.names)):
-                name = h.names[i]
-                entry = self._resolve(node, name)
-                if entry is None:
-                    continue  # removed while listing: skipped, offsets of the rest stay
-                child = self.table.attach(join(node.path, name), entry)
-                if not pyfuse3.readdir_reply(token, os.fsencode(name),
-                                             self._attrs(child, entry.st), i + 1):
-                    return
-                self.table.lookup(child)
+        node = h.node
+        if h.names is None or start_id == 0:
+            h.names = self.stack.listing(node.path, node.in_upper, node.lowers)
+        for i in range(start_id, len(h.names)):
+            name = h.names[i]
+            entry = self._resolve(node, name)
+            if entry is None:
+                continue  # removed while listing: skipped, offsets of the rest stay
+            child = self.table.attach(join(node.path, name), entry)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name),
+                                         self._attrs(child, entry.st), i + 1):
+                return
+            self.table.lookup(child)
 
     async def releasedir(self, fh: int) -> None:
         await self.release(fh)
@@ -581,8 +563,7 @@ class UnionFS(pyfuse3.Operations):
 
     async def statfs(self, ctx: RequestContext) -> StatvfsData:
         top = UPPER if self.stack.has_upper else 1
-        with _errno():
-            sv = os.statvfs(self.stack.real(top, ""))
+        sv = os.statvfs(self.stack.real(top, ""))
         d = StatvfsData()
         for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
                   "f_favail", "f_namemax"):
@@ -604,15 +585,13 @@ class UnionFS(pyfuse3.Operations):
         if is_private_xattr(sname):
             raise FUSEError(pyfuse3.ENOATTR)
         node = self._node(inode)
-        with _errno():
-            return os.getxattr(self._real(node), sname, follow_symlinks=False)
+        return os.getxattr(self._real(node), sname, follow_symlinks=False)
 
     async def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:
         if not self.opts.xattrs:
             return []
         node = self._node(inode)
-        with _errno():
-            names = os.listxattr(self._real(node), follow_symlinks=False)
+        names = os.listxattr(self._real(node), follow_symlinks=False)
         return [os.fsencode(n) for n in names if not is_private_xattr(n)]
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
@@ -621,17 +600,15 @@ class UnionFS(pyfuse3.Operations):
         if is_private_xattr(sname):
             raise FUSEError(errno.EPERM)
         node = self._node(inode)
-        with _errno():
-            self._copy_up(node)
-            os.setxattr(self._real(node), sname, value, follow_symlinks=False)
+        self._copy_up(node)
+        os.setxattr(self._real(node), sname, value, follow_symlinks=False)
 
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
         sname = self._check_xattrs(name)
         if is_private_xattr(sname):
             raise FUSEError(errno.EPERM)
         node = self._node(inode)
-        with _errno():
-            os.getxattr(self._real(node), sname, follow_symlinks=False)  # ENODATA before any copy-up
-            self._copy_up(node)
-            os.removexattr(self._real(node), sname, follow_symlinks=False)
+        os.getxattr(self._real(node), sname, follow_symlinks=False)  # ENODATA before any copy-up
+        self._copy_up(node)
+        os.removexattr(self._real(node), sname, follow_symlinks=False)
 

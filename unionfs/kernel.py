@@ -4,13 +4,13 @@ mount(2), umount2(2) and the mount-table query the packages above share."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-from pathlib import Path
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+# The interpreter's own libc (dlopen(NULL)): ctypes.util.find_library would run
+# ldconfig, which costs a mount program milliseconds at every start.
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -39,14 +39,14 @@ def mount(
     data: str | None = None,
 ) -> None:
     """mount(2); raises OSError naming the target."""
-    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+    if libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype or ''} on {target}: {os.strerror(err)}")
 
 
 def umount(target: str | os.PathLike[str], flags: int = 0) -> None:
     """umount2(2); raises OSError naming the target."""
-    if _libc.umount2(_b(target), flags) != 0:
+    if libc.umount2(_b(target), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
@@ -59,7 +59,9 @@ def _unescape(field: str) -> str:
 def mounts() -> list[tuple[str, str, str, str]]:
     """(source, target, fstype, options) of every mount, from /proc/self/mounts."""
     out = []
-    for line in Path("/proc/self/mounts").read_text().splitlines():
+    with open("/proc/self/mounts") as f:
+        lines = f.read().splitlines()
+    for line in lines:
         src, tgt, fstype, opts = line.split()[:4]
         out.append((_unescape(src), _unescape(tgt), fstype, opts))
     return out
@@ -75,12 +77,12 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 _AT_FDCWD = -100
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 
 
 def rename2(src: str | os.PathLike[str], dst: str | os.PathLike[str], flags: int) -> None:
     """renameat2(2): RENAME_WHITEOUT leaves an overlay whiteout where src was, in
     the same atomic step, which is how the kernel's overlayfs removes lower names."""
-    if _libc.renameat2(_AT_FDCWD, _b(src), _AT_FDCWD, _b(dst), flags) != 0:
+    if libc.renameat2(_AT_FDCWD, _b(src), _AT_FDCWD, _b(dst), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fsdecode(src))
