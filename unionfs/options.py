@@ -69,6 +69,9 @@ class MountOptions:
     volatile: bool = False
     fsync: bool = True
     timeout: float = 1_000_000_000.0
+    # Microseconds to poll for the next request after each reply before sleeping:
+    # a client that asks again within that time is served without a wake-up.
+    spin_us: int = 100
     squash_to_uid: int | None = None
     squash_to_gid: int | None = None
     uidmapping: IdMapping | None = None
@@ -168,6 +171,10 @@ def _apply(opts: MountOptions, item: str) -> None:
             raise StrataError(f"timeout={value}: expected seconds") from None
         if not opts.timeout >= 0:
             raise StrataError(f"timeout={value}: expected seconds >= 0")
+    elif key == "spin":
+        opts.spin_us = _int_value(key, value)
+        if opts.spin_us > 1_000_000:
+            raise StrataError(f"spin={value}: at most 1000000 microseconds")
     elif key == "squash_to_uid":
         opts.squash_to_uid = _int_value(key, value)
     elif key == "squash_to_gid":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ def test_version() -> None:
     ("lowerdir={l},upperdir={u},workdir={u}", "workdir and upperdir must be separate"),
     ("lowerdir={l}::{l}", "empty layer path"),
     ("lowerdir={l},redirect_dir=maybe", "redirect_dir=maybe: expected on, follow, nofollow or off"),
+    ("lowerdir={l},spin=fast", "spin=fast: expected a number"),
+    ("lowerdir={l},spin=-1", "spin=-1: expected a number >= 0"),
 ])
 def test_bad_input_one_line_error_and_nothing_mounted(tmp_path: Path, opts: str, message: str) -> None:
     (lower,), upper, work, mnt = layer_dirs(tmp_path, 1)
@@ -141,3 +144,32 @@ def test_mount_helper_convention(tmp_path: Path) -> None:
         assert fields[0] == "overlay" and fields[2] == "fuse.strata-unionfs" and "nodev" in fields[3]
     finally:
         unmount(mnt)
+
+
+@pytest.mark.parametrize("spin", ["spin=0", "spin=100", ""])
+def test_sigterm_unmounts_and_exits(tmp_path: Path, spin: str) -> None:
+    """With or without polling between requests, SIGTERM ends the daemon
+    cleanly: the mount goes away, written data stays in the upper."""
+    (lower,), upper, work, mnt = layer_dirs(tmp_path, 1)
+    (lower / "f").write_text("lower\n")
+    opts = overlay_opts([lower], upper, work) + (f",{spin}" if spin else "")
+    r = run("-o", opts, str(mnt))
+    assert r.returncode == 0, r.stderr
+    try:
+        for i in range(200):  # a stream of requests, then idle
+            (mnt / f"n{i}").write_text(str(i))
+        assert (mnt / "f").read_text() == "lower\n"
+        (pid,) = daemon_pids(mnt)
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while is_mounted(mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_mounted(mnt), "still mounted 10 s after SIGTERM"
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = Path(f"/proc/{pid}/stat")
+        assert not status.exists() or status.read_text().split()[2] == "Z", "daemon alive after SIGTERM"
+    finally:
+        unmount(mnt)
+    assert sorted(p.name for p in upper.iterdir()) == sorted(f"n{i}" for i in range(200))
