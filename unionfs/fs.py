@@ -84,7 +84,6 @@ class UnionFS(pyfuse3.Operations):
         self.handles: dict[int, DirHandle | FileHandle] = {}
         self._next_fh = 1
         self.timeout = opts.timeout
-        self._euid, self._egid = os.geteuid(), os.getegid()
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -244,8 +243,8 @@ class UnionFS(pyfuse3.Operations):
         make(path)
         is_dir = mode is not None and stat.S_ISDIR(mode)
         try:
-            # New entries belong to this process, or take the parent's group when it is setgid.
-            if uid != self._euid or (not setgid and gid != self._egid):
+            made = os.lstat(path)
+            if (made.st_uid, made.st_gid) != (uid, gid):  # mostly they are already right
                 os.chown(path, uid, gid, follow_symlinks=False)
             if mode is not None:
                 if setgid and is_dir:
