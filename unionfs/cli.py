@@ -16,12 +16,13 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from types import FrameType
 
 import pyfuse3
 
-from . import options
+from . import kernel, options
 from .errors import StrataError
 from .fs import UnionFS
 
@@ -73,7 +74,7 @@ def fuse_options(opts: options.MountOptions) -> set[str]:
     return flags | {f"fsname={opts.fsname}", f"subtype={PROG}", "default_permissions", "allow_other"}
 
 
-def _serve(ops: UnionFS) -> None:
+def _serve(ops: UnionFS, mountpoint: str) -> None:
     """Serve requests until the mount goes away or a signal ends it.
 
     Every handler of UnionFS runs to completion without suspending, so the
@@ -87,6 +88,7 @@ def _serve(ops: UnionFS) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
+    threading.Thread(target=_set_readahead, args=(mountpoint,), daemon=True).start()
     try:
         pyfuse3.main_sync(ops.opts.spin_us)
     finally:
@@ -103,6 +105,25 @@ def _mount(ops_opts: options.MountOptions, mountpoint: str, debug: bool) -> Unio
     except RuntimeError as e:
         raise StrataError(f"cannot mount on {mountpoint}: {e}") from None
     return ops
+
+
+# The largest read the connection takes (libfuse asks for 256-page requests).
+READAHEAD_KIB = 1024
+
+
+def _set_readahead(mountpoint: str) -> None:
+    """Let the kernel read ahead a whole request, not its 128 KiB default for a
+    FUSE mount: cold sequential read of a 256 MiB lower file 0.21 s -> 0.13 s
+    (medians of 5 here). Runs beside the loop: the kernel sets read-ahead from
+    the reply to INIT, so the setting must come after it, and the stat waits
+    for that. Best effort: without write access to sysfs the mount works as it is."""
+    dev = kernel.mount_device(mountpoint)
+    try:
+        os.stat(mountpoint)
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(READAHEAD_KIB))
+    except OSError as e:
+        logging.getLogger(__name__).debug("read-ahead left at the default: %s", e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (StrataError, OSError) as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 1
-        _serve(ops)
+        _serve(ops, mountpoint)
         return 0
     return _daemonize(opts, mountpoint)
 
@@ -169,7 +190,7 @@ def _daemonize(opts: options.MountOptions, mountpoint: str) -> int:
     os.close(wfd)
     status = 1
     try:
-        _serve(ops)
+        _serve(ops, mountpoint)
         status = 0
     finally:
         os._exit(status)

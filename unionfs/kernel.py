@@ -67,6 +67,21 @@ def mounts() -> list[tuple[str, str, str, str]]:
     return out
 
 
+def mount_device(path: str | os.PathLike[str]) -> str | None:
+    """"MAJOR:MINOR" of the file system mounted last at path, from /proc/self/mountinfo.
+    Nothing touches path itself (not even realpath's lstat): a FUSE mount answers
+    only once its daemon serves, and the caller may be that daemon."""
+    path = os.path.abspath(path)
+    target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) == target:
+                found = fields[2]
+    return found
+
+
 def is_mountpoint(path: str | os.PathLike[str]) -> bool:
     """True when something is mounted exactly at path (works for dead FUSE mounts too)."""
     target = os.path.realpath(path)

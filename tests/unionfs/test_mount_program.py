@@ -173,3 +173,12 @@ def test_sigterm_unmounts_and_exits(tmp_path: Path, spin: str) -> None:
     finally:
         unmount(mnt)
     assert sorted(p.name for p in upper.iterdir()) == sorted(f"n{i}" for i in range(200))
+
+
+def test_readahead_raised_to_a_whole_request(tmp_path: Path) -> None:
+    """The mount's read-ahead is one request (1 MiB), not the kernel's 128 KiB."""
+    (lower,), upper, work, mnt = layer_dirs(tmp_path, 1)
+    with mounted("strata", [lower], upper, work, mnt):
+        st = os.stat(mnt)
+        bdi = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+        assert bdi.read_text().strip() == "1024"
