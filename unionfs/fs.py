@@ -241,9 +241,9 @@ class UnionFS(pyfuse3.Operations):
             over_whiteout = False
         path = work.temp() if over_whiteout else target
         make(path)
-        is_dir = mode is not None and stat.S_ISDIR(mode)
         try:
             made = os.lstat(path)
+            is_dir = stat.S_ISDIR(made.st_mode)
             if (made.st_uid, made.st_gid) != (uid, gid):  # mostly they are already right
                 os.chown(path, uid, gid, follow_symlinks=False)
             if mode is not None:
@@ -269,10 +269,11 @@ class UnionFS(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
         parent = self._node(parent_inode)
         sname = os.fsdecode(name)
-        if sname == ".":
+        if sname in (".", ".."):
             node = parent
-        elif sname == "..":
-            node = self.table.by_path.get(os.path.dirname(parent.path), self.table.root)
+            if sname == "..":
+                node = self.table.by_path.get(os.path.dirname(parent.path), self.table.root)
+            st = self._stat(node)
         else:
             entry = self._resolve(parent, sname)
             if entry is None:
@@ -281,10 +282,8 @@ class UnionFS(pyfuse3.Operations):
                 neg.entry_timeout = self.timeout
                 return neg
             node = self.table.attach(join(parent.path, sname), entry)
-            attrs = self._attrs(node, entry.st)
-            self.table.lookup(node)
-            return attrs
-        attrs = self._attrs(node, self._stat(node))
+            st = entry.st  # just resolved: no second lstat
+        attrs = self._attrs(node, st)
         self.table.lookup(node)
         return attrs
 
