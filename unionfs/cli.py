@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 import pyfuse3
@@ -74,8 +74,9 @@ def fuse_options(opts: options.MountOptions) -> set[str]:
     return flags | {f"fsname={opts.fsname}", f"subtype={PROG}", "default_permissions", "allow_other"}
 
 
-def _serve(ops: UnionFS, mountpoint: str) -> None:
-    """Serve requests until the mount goes away or a signal ends it.
+def _serve(ops: UnionFS, mountpoint: str, ready: Callable[[], None] = lambda: None) -> None:
+    """Serve requests until the mount goes away or a signal ends it; call ready
+    once the mount has answered its first request and read-ahead is set.
 
     Every handler of UnionFS runs to completion without suspending, so the
     blocking loop (our pyfuse3 patch) serves it without trio's event loop,
@@ -88,7 +89,11 @@ def _serve(ops: UnionFS, mountpoint: str) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
-    threading.Thread(target=_set_readahead, args=(mountpoint,), daemon=True).start()
+    def settle() -> None:
+        _set_readahead(mountpoint)
+        ready()
+
+    threading.Thread(target=settle, daemon=True).start()
     try:
         pyfuse3.main_sync(ops.opts.spin_us)
     finally:
@@ -117,13 +122,17 @@ def _set_readahead(mountpoint: str) -> None:
     (medians of 5 here). Runs beside the loop: the kernel sets read-ahead from
     the reply to INIT, so the setting must come after it, and the stat waits
     for that. Best effort: without write access to sysfs the mount works as it is."""
+    log = logging.getLogger(__name__)
     dev = kernel.mount_device(mountpoint)
+    if dev is None:
+        log.debug("read-ahead left at the default: %s not in mountinfo", mountpoint)
+        return
     try:
         os.stat(mountpoint)
         with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
             f.write(str(READAHEAD_KIB))
     except OSError as e:
-        logging.getLogger(__name__).debug("read-ahead left at the default: %s", e)
+        log.debug("read-ahead left at the default: %s", e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _daemonize(opts: options.MountOptions, mountpoint: str) -> int:
     """Fork; the child mounts and reports back through a pipe, so the parent
-    exits 0 only once the mount is live, or 1 with the child's reason."""
+    exits 0 only once the mount is live (it has answered a request and its
+    read-ahead is set), or 1 with the child's reason."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:
@@ -186,11 +196,14 @@ def _daemonize(opts: options.MountOptions, mountpoint: str) -> int:
         os.dup2(devnull, fd)
     os.close(devnull)
     os.chdir("/")
-    os.write(wfd, b"ok")
-    os.close(wfd)
+
+    def ready() -> None:
+        os.write(wfd, b"ok")
+        os.close(wfd)
+
     status = 1
     try:
-        _serve(ops, mountpoint)
+        _serve(ops, mountpoint, ready)
         status = 0
     finally:
         os._exit(status)
