@@ -4,8 +4,14 @@ Every copy is built in the work directory and renamed into the upper in one
 step, so a crash at any moment leaves either the lower file showing or the
 complete copy, never a torn file (leftovers in the work directory are removed
 at the next mount). Data moves by reflink (FICLONE) where the filesystem
-shares extents, else copy_file_range, else sendfile. Mode, owner, timestamps
-and xattrs (except the overlay's own) go along.
+shares extents, else copy_file_range, else sendfile, extent by extent
+(SEEK_DATA/SEEK_HOLE), so holes stay holes as with the kernel: a 1 GiB sparse
+lower file copies up into 4 KiB. Mode, owner, timestamps and xattrs (except
+the overlay's own) go along.
+
+Every access is anchored: the source is a name in a lower directory fd,
+opened without following a symlink and checked to be the file that was looked
+up; the copy is a name in the work directory's fd.
 """
 
 from __future__ import annotations
@@ -14,65 +20,116 @@ import errno
 import fcntl
 import itertools
 import os
-import shutil
 import stat
 
+from .layers import O_DIR, at, ident
 from .whiteout import is_private_xattr
 
 FICLONE = 0x40049409
 _CHUNK = 1 << 30
 
 
+def remove_tree(dirfd: int, name: str) -> None:
+    """Remove `name` below `dirfd` and everything in it, depth first without
+    recursion (a tree may be deeper than Python's stack) and without following
+    a symlink (every directory is entered by an fd opened with O_NOFOLLOW)."""
+    try:
+        os.unlink(name, dir_fd=dirfd)
+        return
+    except IsADirectoryError:
+        pass
+    except FileNotFoundError:
+        return
+    stack: list[tuple[int, str, int]] = [(dirfd, name, os.open(name, O_DIR, dir_fd=dirfd))]
+    try:
+        while stack:
+            parent, dname, fd = stack[-1]
+            with os.scandir(fd) as it:
+                entries = [(d.name, d.is_dir(follow_symlinks=False)) for d in it]
+            sub = next((n for n, is_dir in entries if is_dir), None)
+            if sub is None:
+                for n, _ in entries:
+                    os.unlink(n, dir_fd=fd)
+            else:
+                stack.append((fd, sub, os.open(sub, O_DIR, dir_fd=fd)))
+                continue
+            stack.pop()
+            os.close(fd)
+            os.rmdir(dname, dir_fd=parent)
+    finally:
+        for _, _, fd in stack:
+            os.close(fd)
+
+
 class WorkDir:
     """The scratch directory on the upper's filesystem (`WORKDIR/work`, as the kernel uses)."""
 
+    NAME = "work"
+
     def __init__(self, workdir: str) -> None:
-        self.path = os.path.join(os.path.abspath(workdir), "work")
+        self.parent = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._seq = itertools.count()
-        if os.path.lexists(self.path):
-            shutil.rmtree(self.path, ignore_errors=True)
-            if os.path.lexists(self.path):  # a non-directory left there
-                os.unlink(self.path)
-        os.mkdir(self.path, 0o000)
+        remove_tree(self.parent, self.NAME)
+        os.mkdir(self.NAME, 0o000, dir_fd=self.parent)
+        self.fd = os.open(self.NAME, O_DIR, dir_fd=self.parent)
 
     def temp(self) -> str:
-        return f"{self.path}/#strata-{os.getpid()}-{next(self._seq)}"
+        """A fresh name in the work directory."""
+        return f"#strata-{os.getpid()}-{next(self._seq)}"
 
-    def discard(self, path: str) -> None:
+    def discard(self, name: str) -> None:
         """Remove something moved into the work directory to be thrown away."""
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.unlink(path)
+        remove_tree(self.fd, name)
+
+
+def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
+    off = start
+    try:
+        while off < end:
+            n = os.copy_file_range(src_fd, dst_fd, min(end - off, _CHUNK), off, off)
+            if n == 0:
+                return
+            off += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    os.lseek(dst_fd, off, os.SEEK_SET)
+    while off < end:
+        n = os.sendfile(dst_fd, src_fd, off, min(end - off, _CHUNK))
+        if n == 0:
+            return
+        off += n
 
 
 def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """Copy size bytes, keeping holes: the data extents only, then the length."""
     try:
         fcntl.ioctl(dst_fd, FICLONE, src_fd)
         return
     except OSError:
         pass
     off = 0
-    try:
-        while off < size:
-            n = os.copy_file_range(src_fd, dst_fd, min(size - off, _CHUNK), off, off)
-            if n == 0:
-                break
-            off += n
-        return
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
     while off < size:
-        n = os.sendfile(dst_fd, src_fd, off, min(size - off, _CHUNK))
-        if n == 0:
+        try:
+            data = os.lseek(src_fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: nothing but a hole up to the end
+                raise
             break
-        off += n
+        hole = min(os.lseek(src_fd, data, os.SEEK_HOLE), size)
+        _copy_range(src_fd, dst_fd, data, hole)
+        off = hole
+    os.ftruncate(dst_fd, size)
 
 
-def copy_xattrs(src: str, dst: str) -> None:
+def copy_xattrs(src: str | int, dst: str | int) -> None:
+    """Copy the xattrs of src to dst: fds, or anchored paths never followed."""
+    def flw(target: str | int) -> dict[str, bool]:
+        return {} if isinstance(target, int) else {"follow_symlinks": False}
+
     try:
-        names = os.listxattr(src, follow_symlinks=False)
+        names = os.listxattr(src, **flw(src))
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EPERM):
             return
@@ -81,62 +138,75 @@ def copy_xattrs(src: str, dst: str) -> None:
         if is_private_xattr(name):
             continue
         try:
-            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+            os.setxattr(dst, name, os.getxattr(src, name, **flw(src)), **flw(dst))
         except OSError as e:
             # security.* labels may be refused by the upper's filesystem; the data is what matters.
             if e.errno not in (errno.ENOTSUP, errno.EPERM) or not name.startswith("security."):
                 raise
 
 
-def copy_metadata(st: os.stat_result, src: str | None, dst: str) -> None:
-    """Owner, then mode (chown clears set-id bits), xattrs, then times last."""
-    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
-    if not stat.S_ISLNK(st.st_mode):
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-    if src is not None:
-        copy_xattrs(src, dst)
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+def _stale(name: str) -> OSError:
+    return OSError(errno.ESTALE, os.strerror(errno.ESTALE), name)
 
 
-def make_copy(src: str, st: os.stat_result, dst: str, data: bool, fsync: bool) -> None:
-    """Create at dst (in the work dir) a copy of src: data (unless told the
-    caller is about to truncate it anyway), then metadata."""
+def make_copy(src_dir: int, name: str, st: os.stat_result, work: WorkDir, tmp: str,
+              data: bool, fsync: bool) -> None:
+    """Create `tmp` in the work dir, a copy of `name` in `src_dir` (which must
+    still be the file `st` describes): data (unless the caller is about to
+    truncate it anyway), then owner, mode (chown clears set-id bits), xattrs,
+    and times last."""
     mode = st.st_mode
-    if stat.S_ISREG(mode):
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            if data and st.st_size:
-                sfd = os.open(src, os.O_RDONLY)
-                try:
-                    copy_data(sfd, fd, st.st_size)
-                finally:
-                    os.close(sfd)
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-    elif stat.S_ISDIR(mode):
-        os.mkdir(dst, 0o700)
-    elif stat.S_ISLNK(mode):
-        os.symlink(os.readlink(src), dst)
-    else:
-        os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
-    copy_metadata(st, src, dst)
-
-
-def copy_up(work: WorkDir, src: str, st: os.stat_result, dst: str, data: bool = True,
-            fsync: bool = True) -> os.stat_result:
-    """Copy src into the upper at dst atomically; returns the new file's lstat.
-    The upper parent keeps its times, as with the kernel: a copy-up is not a
-    change of the directory, and a layer committed from the upper must not say so."""
-    tmp = work.temp()
-    parent = os.path.dirname(dst)
-    pst = os.lstat(parent)
+    fd: int | None = None
+    src_fd: int | None = None
     try:
-        make_copy(src, st, tmp, data, fsync)
-        os.rename(tmp, dst)
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            src_fd = os.open(name, (O_DIR if stat.S_ISDIR(mode) else os.O_RDONLY | os.O_NOFOLLOW)
+                             | os.O_CLOEXEC, dir_fd=src_dir)
+            if ident(os.fstat(src_fd)) != ident(st):
+                raise _stale(name)
+        if stat.S_ISREG(mode):
+            assert src_fd is not None
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=work.fd)
+            if data and st.st_size:
+                copy_data(src_fd, fd, st.st_size)
+        elif stat.S_ISDIR(mode):
+            os.mkdir(tmp, 0o700, dir_fd=work.fd)
+            fd = os.open(tmp, O_DIR, dir_fd=work.fd)
+        elif stat.S_ISLNK(mode):
+            target = os.readlink(name, dir_fd=src_dir)
+            os.symlink(target, tmp, dir_fd=work.fd)
+        else:
+            os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=work.fd)
+        os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work.fd, follow_symlinks=False)
+        if fd is not None:
+            os.chmod(fd, stat.S_IMODE(mode))
+        elif not stat.S_ISLNK(mode):
+            os.chmod(at(work.fd, tmp), stat.S_IMODE(mode))  # our own node, not a symlink
+        copy_xattrs(at(src_dir, name) if src_fd is None else src_fd,
+                    at(work.fd, tmp) if fd is None else fd)
+        if fd is not None and fsync and stat.S_ISREG(mode):
+            os.fsync(fd)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work.fd, follow_symlinks=False)
+    finally:
+        for f in (fd, src_fd):
+            if f is not None:
+                os.close(f)
+
+
+def copy_up(work: WorkDir, src_dir: int, name: str, st: os.stat_result, dst_dir: int,
+            data: bool = True, fsync: bool = True) -> os.stat_result:
+    """Copy `name` from `src_dir` into the upper directory `dst_dir` atomically;
+    returns the new file's lstat. The upper parent keeps its times, as with the
+    kernel: a copy-up is not a change of the directory, and a layer committed
+    from the upper must not say so."""
+    tmp = work.temp()
+    pst = os.fstat(dst_dir)
+    try:
+        make_copy(src_dir, name, st, work, tmp, data, fsync)
+        os.rename(tmp, name, src_dir_fd=work.fd, dst_dir_fd=dst_dir)
     except BaseException:
         work.discard(tmp)
         raise
-    os.utime(parent, ns=(pst.st_atime_ns, pst.st_mtime_ns))
-    return os.lstat(dst)
+    os.utime(dst_dir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+    return os.stat(name, dir_fd=dst_dir, follow_symlinks=False)

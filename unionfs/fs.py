@@ -1,10 +1,18 @@
 """The FUSE operations of strata-unionfs, over the layer stack, the inode table
 and copy-up.
 
+Every host access is anchored (see layers.py): a node is reached through its
+parent's directory fd and its name, checked against the identity it was
+looked up with, or through the fd of one of its open handles once it has no
+name. A rename or unlink by anyone, inside the mount or on the host, can make
+an operation fail with ENOENT or ESTALE, never redirect it to another file.
+
 The daemon is the only writer of its upper and lower layers never change, so
 the kernel is told to cache entries, attributes and pages for `timeout`
 seconds (fuse-overlayfs's default: 10^9 s); every change passes through the
-kernel, which updates its own caches as it goes.
+kernel, which updates its own caches as it goes. The one exception is
+copy-up: a file's pages cached from the lower copy are dropped when it is
+copied up, and its open handles are moved to the upper copy.
 """
 
 from __future__ import annotations
@@ -23,35 +31,46 @@ import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields, StatvfsData
 
 from .copyup import WorkDir, copy_up
-from .inodes import InodeTable, Node
-from .kernel import RENAME_EXCHANGE, RENAME_WHITEOUT, rename2
-from .layers import UPPER, Entry, LayerStack, join
+from .inodes import InodeTable, Node, stale
+from .kernel import RENAME_EXCHANGE, RENAME_WHITEOUT, fallocate, renameat2
+from .layers import UPPER, Dir, Entry, Ident, LayerStack, at, ident, open_dir
 from .options import MountOptions
-from .whiteout import is_marker, is_private_xattr, is_whiteout, make_whiteout, set_opaque
+from .whiteout import is_private_xattr, is_whiteout, make_whiteout, set_opaque
 
 log = logging.getLogger(__name__)
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+# Flags of the client's open that are not for the backing file: the kernel has
+# done O_CREAT/O_EXCL, and O_DIRECT is the kernel's business (our reads and
+# writes go to the backing file at any alignment; the client's O_DIRECT
+# requests still bypass the FUSE page cache).
+_NOT_BACKING = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+_BACKING = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _guarded(cls: type[pyfuse3.Operations]) -> type[pyfuse3.Operations]:
     """Wrap every FUSE handler so that no exception can end the session loop:
     real-filesystem errors reach the caller as the same errno, and a bug costs
-    one request (EIO, logged), not the whole mount."""
+    one request (EIO, logged), not the whole mount. After each request the
+    directory-fd cache is trimmed to its bound."""
     for name, fn in list(vars(cls).items()):
         if inspect.iscoroutinefunction(fn) and hasattr(pyfuse3.Operations, name):
             def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
                 @functools.wraps(fn)
-                async def handler(*args: Any) -> Any:
+                async def handler(self: UnionFS, *args: Any) -> Any:
                     try:
-                        return await fn(*args)
+                        return await fn(self, *args)
                     except FUSEError:
                         raise
                     except OSError as e:
                         raise FUSEError(e.errno or errno.EIO) from e
+                    except RecursionError as e:
+                        raise FUSEError(errno.ELOOP) from e
                     except Exception as e:
                         log.exception("internal error")
                         raise FUSEError(errno.EIO) from e
+                    finally:
+                        self.table.trim()
                 return handler
             setattr(cls, name, wrap(fn))
     return cls
@@ -67,6 +86,7 @@ class DirHandle:
 class FileHandle:
     node: Node
     fd: int
+    flags: int
 
 
 @_guarded
@@ -80,7 +100,7 @@ class UnionFS(pyfuse3.Operations):
         self.stack = LayerStack(opts.upperdir, opts.lowerdirs)
         self.readonly = opts.readonly or opts.upperdir is None
         self.work = WorkDir(opts.workdir) if opts.workdir and not self.readonly else None
-        self.table = InodeTable(self.stack.root_entry())
+        self.table = InodeTable(self.stack, self.stack.root_entry())
         self.handles: dict[int, DirHandle | FileHandle] = {}
         self._next_fh = 1
         self.timeout = opts.timeout
@@ -93,9 +113,6 @@ class UnionFS(pyfuse3.Operations):
             raise FUSEError(errno.ESTALE)
         return node
 
-    def _real(self, node: Node) -> str:
-        return self.stack.real(node.layer, node.path)
-
     def _fh(self, handle: DirHandle | FileHandle) -> int:
         fh = self._next_fh
         self._next_fh += 1
@@ -103,12 +120,38 @@ class UnionFS(pyfuse3.Operations):
         handle.node.handles += 1
         return fh
 
+    def _open_files(self, node: Node) -> list[FileHandle]:
+        return [h for h in self.handles.values() if isinstance(h, FileHandle) and h.node is node]
+
+    def _handle_fd(self, node: Node) -> int | None:
+        """An fd of an open handle of node, or None."""
+        files = self._open_files(node)
+        return files[0].fd if files else None
+
+    def _where(self, node: Node) -> tuple[int, str]:
+        """The directory fd and name of a linked non-root node in its layer."""
+        if node.unlinked or node.parent is None:
+            raise stale()
+        return self.table.dirfd(node.parent, node.layer), node.name
+
     def _stat(self, node: Node) -> os.stat_result:
+        if node.is_dir and not node.unlinked:
+            return os.fstat(self.table.dirfd(node, node.layer))
         if node.unlinked:
-            for h in self.handles.values():
-                if isinstance(h, FileHandle) and h.node is node:
-                    return os.fstat(h.fd)
-        return os.lstat(self._real(node))
+            fd = self._handle_fd(node)
+            if fd is None:
+                raise FUSEError(errno.ESTALE)
+            return os.fstat(fd)
+        dirfd, name = self._where(node)
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        if ident(st) != node.ident:
+            raise FUSEError(errno.ESTALE)
+        return st
+
+    def _dir(self, node: Node, with_upper: bool = True) -> Dir:
+        """The merged directory node as the layer stack reads it."""
+        upper = self.table.dirfd(node, UPPER) if with_upper and node.in_upper else None
+        return Dir(upper, [(layer, self.table.dirfd(node, layer), i) for layer, i in node.lowers])
 
     def _attrs(self, node: Node, st: os.stat_result) -> EntryAttributes:
         a = EntryAttributes()
@@ -151,128 +194,186 @@ class UnionFS(pyfuse3.Operations):
         return self.work
 
     def _resolve(self, parent: Node, name: str) -> Entry | None:
-        if is_marker(name):
-            return None
         # Nothing is in the upper below a directory that is not: this process
         # copies a directory up before it puts anything in it.
-        return self.stack.child(parent.path, parent.lowers, name, with_upper=parent.in_upper)
+        return self.stack.child(self._dir(parent), name)
 
     def _child(self, parent: Node, name: str) -> tuple[Entry, Node]:
         entry = self._resolve(parent, name)
         if entry is None:
             raise FUSEError(errno.ENOENT)
-        return entry, self.table.attach(join(parent.path, name), entry)
+        return entry, self.table.attach(parent, name, entry)
+
+    def _in_lowers(self, parent: Node, name: str) -> bool:
+        """Whether removing the upper's `name` would uncover something: then a
+        whiteout must stay in its place."""
+        return self.stack.child(self._dir(parent, with_upper=False), name) is not None
+
+    def _is_empty(self, node: Node) -> bool:
+        return not self.stack.listing(self._dir(node))
 
     # ---- copy-up ---------------------------------------------------------------------------
 
-    def _upper_dir(self, rel: str) -> None:
-        """Make the directory rel (visible in the merged view) exist in the upper, parents first."""
-        work = self._writable()
-        if rel and not os.path.isdir(self.stack.real(UPPER, rel)):
-            self._upper_dir(os.path.dirname(rel))
-            layer = self.stack.first_lower_dir(rel)
-            if layer is None:
-                raise FUSEError(errno.ENOENT)
-            src = self.stack.real(layer, rel)
-            lst = os.lstat(src)
-            ust = copy_up(work, src, lst, self.stack.real(UPPER, rel), fsync=False)
-            self.table.copied_up(lst, layer, rel, ust)
-            node = self.table.by_path.get(rel)
-            if node is not None:
-                node.layer = UPPER
-
-    def _copy_up(self, node: Node, data: bool = True) -> None:
+    def _copy_up(self, node: Node, data: bool = True, log: list[tuple[Node, int, Ident]] | None = None,
+                 ) -> None:
+        """Bring node, and the directories above it first, into the upper; with
+        `log`, note each node copied and where it was before (to undo)."""
         if node.in_upper:
             return
         work = self._writable()
-        self._upper_dir(os.path.dirname(node.path))
-        if node.is_dir:
-            self._upper_dir(node.path)
-            return
-        src = self._real(node)
-        lst = os.lstat(src)
-        ust = copy_up(work, src, lst, self.stack.real(UPPER, node.path), data, self.opts.fsync)
-        self.table.copied_up(lst, node.layer, node.path, ust)
-        node.layer = UPPER
+        chain = []
+        n: Node | None = node
+        while n is not None and not n.in_upper:
+            chain.append(n)
+            n = n.parent
+        for n in reversed(chain):
+            before = (n, n.layer, n.ident)
+            self._copy_up_one(work, n, data or n is not node)
+            if log is not None:
+                log.append(before)
 
-    def _copy_up_tree(self, rel: str, entry: Entry) -> None:
+    def _copy_up_one(self, work: WorkDir, node: Node, data: bool) -> None:
+        assert node.parent is not None and not node.unlinked
+        src_dir = self.table.dirfd(node.parent, node.layer)
+        dst_dir = self.table.dirfd(node.parent, UPPER)
+        lst = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
+        if ident(lst) != node.ident:
+            raise FUSEError(errno.ESTALE)
+        ust = copy_up(work, src_dir, node.name, lst, dst_dir, data and not node.is_dir,
+                      self.opts.fsync and not node.is_dir)
+        self.table.copied_up(node, ust)
+        if node.is_dir:
+            return
+        # Open handles move to the copy, so every reader sees what is written from now on.
+        for h in self._open_files(node):
+            fd = os.open(node.name, (h.flags & ~(_NOT_BACKING | os.O_TRUNC)) | _BACKING, dir_fd=dst_dir)
+            try:
+                os.dup2(fd, h.fd, inheritable=False)
+            finally:
+                os.close(fd)
+
+    def _undo_copy_up(self, log: list[tuple[Node, int, Ident]]) -> None:
+        """Remove the copies noted in log, newest first: the upper is as it was
+        (parents keep their times), and the view never changed."""
+        for node, layer, was in reversed(log):
+            assert node.parent is not None
+            ufd = self.table.dirfd(node.parent, UPPER)
+            pst = os.fstat(ufd)
+            if node.is_dir:
+                os.rmdir(node.name, dir_fd=ufd)
+            else:
+                os.unlink(node.name, dir_fd=ufd)
+            os.utime(ufd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+            self.table.uncopied(node, layer, was)
+
+    def _copy_up_tree(self, node: Node) -> None:
         """Bring a whole merged directory into the upper, so it can be renamed
-        as one upper directory (marked opaque: nothing below shows through)."""
-        node = self.table.attach(rel, entry)
-        self._copy_up(node)
-        for name in self.stack.listing(rel, True, entry.lowers):
-            child = self.stack.child(rel, entry.lowers, name)
-            if child is None:
-                continue
-            if child.is_dir:
-                self._copy_up_tree(join(rel, name), child)
-            elif child.layer != UPPER:
-                self._copy_up(self.table.attach(join(rel, name), child))
-        set_opaque(self.stack.real(UPPER, rel))
-        node.lowers = ()
-        prefix = rel + "/"
-        for path, n in self.table.by_path.items():
-            if path.startswith(prefix) and n.is_dir:
-                n.lowers = ()
+        as one upper directory, marked opaque: nothing below shows through, and
+        the whiteouts in it (no longer needed) go. All or nothing: a failure
+        (ENOSPC) takes back every copy made, as a redirect would have needed none."""
+        seen: list[Node] = []
+        log: list[tuple[Node, int, Ident]] = []
+        dirs: list[Node] = []
+        try:
+            todo = [node]
+            while todo:
+                d = todo.pop()
+                self._copy_up(d, log=log)
+                dirs.append(d)
+                view = self._dir(d)
+                for name in self.stack.listing(view):
+                    entry = self.stack.child(view, name)
+                    if entry is None or (entry.layer == UPPER and not entry.lowers):
+                        continue
+                    child = self.table.attach(d, name, entry)
+                    seen.append(child)
+                    if entry.is_dir:
+                        todo.append(child)
+                    else:
+                        self._copy_up(child, log=log)
+        except BaseException:
+            self._undo_copy_up(log)
+            raise
+        finally:
+            for child in seen:
+                self.table.drop_unused(child)
+        for d in dirs:
+            ufd = self.table.dirfd(d, UPPER)
+            for name in self.stack.upper_whiteouts(ufd):
+                os.unlink(name, dir_fd=ufd)
+            set_opaque(ufd)
+            d.lowers = ()
 
     # ---- new entries -----------------------------------------------------------------------
 
     def _owner(self, parent: Node, ctx: RequestContext) -> tuple[int, int, bool]:
         """uid and gid of a new entry, and whether the parent's setgid bit passes on."""
-        pst = os.lstat(self._real(parent))
+        pst = os.fstat(self.table.dirfd(parent, UPPER))
         setgid = bool(pst.st_mode & stat.S_ISGID)
         gid = pst.st_gid if setgid else self._gid_out(ctx.gid)
         return self._uid_out(ctx.uid), gid, setgid
 
     def _create_entry(self, parent: Node, name: str, ctx: RequestContext,
-                      make: Callable[[str], None], mode: int | None) -> tuple[Entry, Node]:
+                      make: Callable[[int, str], None], mode: int | None) -> tuple[Entry, Node]:
         """Create a new name in the upper: in place, or, where a whiteout stands,
         built in the work dir and renamed over it."""
         work = self._writable()
         if self._resolve(parent, name) is not None:
             raise FUSEError(errno.EEXIST)
         self._copy_up(parent)
-        rel = join(parent.path, name)
-        target = self.stack.real(UPPER, rel)
+        ufd = self.table.dirfd(parent, UPPER)
         uid, gid, setgid = self._owner(parent, ctx)
         try:
-            over_whiteout = is_whiteout(os.lstat(target))
+            over_whiteout = is_whiteout(os.stat(name, dir_fd=ufd, follow_symlinks=False))
         except FileNotFoundError:
             over_whiteout = False
-        path = work.temp() if over_whiteout else target
-        make(path)
+        dirfd, tmp = (work.fd, work.temp()) if over_whiteout else (ufd, name)
+        make(dirfd, tmp)
         try:
-            made = os.lstat(path)
+            made = os.stat(tmp, dir_fd=dirfd, follow_symlinks=False)
             is_dir = stat.S_ISDIR(made.st_mode)
             if (made.st_uid, made.st_gid) != (uid, gid):  # mostly they are already right
-                os.chown(path, uid, gid, follow_symlinks=False)
+                os.chown(tmp, uid, gid, dir_fd=dirfd, follow_symlinks=False)
             if mode is not None:
                 if setgid and is_dir:
                     mode |= stat.S_ISGID
-                os.chmod(path, stat.S_IMODE(mode))
+                os.chmod(at(dirfd, tmp), stat.S_IMODE(mode))  # made just now: not a symlink
             if is_dir and (over_whiteout or parent.lowers):
                 # As the kernel does: nothing below can show through a new directory.
-                set_opaque(path)
+                fd = open_dir(dirfd, tmp)
+                try:
+                    set_opaque(fd)
+                finally:
+                    os.close(fd)
             if over_whiteout:
                 if is_dir:
                     # A directory cannot replace a whiteout: swap them, then drop the whiteout.
-                    rename2(path, target, RENAME_EXCHANGE)
-                    work.discard(path)
+                    renameat2(work.fd, tmp, ufd, name, RENAME_EXCHANGE)
+                    work.discard(tmp)
                 else:
-                    os.rename(path, target)
+                    os.rename(tmp, name, src_dir_fd=work.fd, dst_dir_fd=ufd)
         except BaseException:
-            work.discard(path)
+            if over_whiteout:
+                work.discard(tmp)
+            else:
+                self._unmake(ufd, name)
             raise
-        entry = Entry(UPPER, os.lstat(target))
-        return entry, self.table.attach(rel, entry)
+        entry = Entry(UPPER, os.stat(name, dir_fd=ufd, follow_symlinks=False))
+        return entry, self.table.attach(parent, name, entry)
+
+    @staticmethod
+    def _unmake(dirfd: int, name: str) -> None:
+        """Take back a new entry whose set-up failed."""
+        try:
+            os.unlink(name, dir_fd=dirfd)
+        except IsADirectoryError:
+            os.rmdir(name, dir_fd=dirfd)
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
         parent = self._node(parent_inode)
         sname = os.fsdecode(name)
         if sname in (".", ".."):
-            node = parent
-            if sname == "..":
-                node = self.table.by_path.get(os.path.dirname(parent.path), self.table.root)
+            node = parent if sname == "." else (parent.parent or self.table.root)
             st = self._stat(node)
         else:
             entry = self._resolve(parent, sname)
@@ -281,7 +382,7 @@ class UnionFS(pyfuse3.Operations):
                 neg.st_ino = 0
                 neg.entry_timeout = self.timeout
                 return neg
-            node = self.table.attach(join(parent.path, sname), entry)
+            node = self.table.attach(parent, sname, entry)
             st = entry.st  # just resolved: no second lstat
         attrs = self._attrs(node, st)
         self.table.lookup(node)
@@ -299,32 +400,62 @@ class UnionFS(pyfuse3.Operations):
                       fh: int | None, ctx: RequestContext) -> EntryAttributes:
         node = self._node(inode)
         self._copy_up(node, data=not (fields.update_size and attr.st_size == 0))
-        path = self._real(node)
         handle = self.handles.get(fh) if fh is not None else None
+        fd = handle.fd if isinstance(handle, FileHandle) else None
+        if fd is None:
+            fd = self.table.dirfd(node, UPPER) if node.is_dir else self._handle_fd(node)
+        dirfd, name = (-1, "") if fd is not None else self._where(node)
+        if fd is None:
+            self._stat(node)  # still the file looked up
         if fields.update_uid or fields.update_gid:
             uid = self._uid_out(attr.st_uid) if fields.update_uid else -1
             gid = self._gid_out(attr.st_gid) if fields.update_gid else -1
-            os.chown(path, uid, gid, follow_symlinks=False)
-        if fields.update_mode and not stat.S_ISLNK(attr.st_mode):
-            os.chmod(path, stat.S_IMODE(attr.st_mode))
-        if fields.update_size:
-            if isinstance(handle, FileHandle):
-                os.ftruncate(handle.fd, attr.st_size)
+            if fd is not None:
+                os.chown(fd, uid, gid)
             else:
-                os.truncate(path, attr.st_size)
+                os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+        if fields.update_mode and not stat.S_ISLNK(attr.st_mode):
+            os.chmod(fd if fd is not None else at(dirfd, name), stat.S_IMODE(attr.st_mode))
+        if fields.update_size:
+            self._truncate(node, fd, dirfd, name, attr.st_size)
         if fields.update_atime or fields.update_mtime:
-            st = os.lstat(path)
+            st = self._stat(node)
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+            if fd is not None:
+                os.utime(fd, ns=(atime, mtime))
+            else:
+                os.utime(name, ns=(atime, mtime), dir_fd=dirfd, follow_symlinks=False)
         return self._attrs(node, self._stat(node))
 
+    def _truncate(self, node: Node, fd: int | None, dirfd: int, name: str, size: int) -> None:
+        if node.is_dir:
+            raise FUSEError(errno.EISDIR)
+        if fd is not None:
+            try:
+                os.ftruncate(fd, size)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EBADF, errno.EINVAL):
+                    raise
+            # A handle opened for reading only: reopen the same file to write.
+            wfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
+        else:
+            wfd = os.open(name, os.O_WRONLY | _BACKING, dir_fd=dirfd)
+            if ident(os.fstat(wfd)) != node.ident:
+                os.close(wfd)
+                raise FUSEError(errno.ESTALE)
+        try:
+            os.ftruncate(wfd, size)
+        finally:
+            os.close(wfd)
+
     async def readlink(self, inode: int, ctx: RequestContext) -> bytes:
-        node = self._node(inode)
-        return os.fsencode(os.readlink(self._real(node)))
+        dirfd, name = self._where(self._node(inode))
+        return os.fsencode(os.readlink(name, dir_fd=dirfd))
 
     def _new(self, parent_inode: int, name: bytes, ctx: RequestContext,
-             make: Callable[[str], None], mode: int | None) -> EntryAttributes:
+             make: Callable[[int, str], None], mode: int | None) -> EntryAttributes:
         parent = self._node(parent_inode)
         entry, node = self._create_entry(parent, os.fsdecode(name), ctx, make, mode)
         self.table.lookup(node)
@@ -332,15 +463,19 @@ class UnionFS(pyfuse3.Operations):
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: RequestContext) -> EntryAttributes:
-        return self._new(parent_inode, name, ctx, lambda p: os.mknod(p, mode, rdev), mode)
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise FUSEError(errno.EPERM)  # a whiteout: never made through the mount (as the kernel)
+        return self._new(parent_inode, name, ctx,
+                         lambda d, n: os.mknod(n, mode, rdev, dir_fd=d), mode)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: RequestContext) -> EntryAttributes:
-        return self._new(parent_inode, name, ctx, lambda p: os.mkdir(p, 0o700), stat.S_IFDIR | mode)
+        return self._new(parent_inode, name, ctx, lambda d, n: os.mkdir(n, 0o700, dir_fd=d),
+                         stat.S_IFDIR | mode)
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: RequestContext) -> EntryAttributes:
-        return self._new(parent_inode, name, ctx, lambda p: os.symlink(target, p), None)
+        return self._new(parent_inode, name, ctx, lambda d, n: os.symlink(target, n, dir_fd=d), None)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: RequestContext) -> EntryAttributes:
@@ -350,19 +485,24 @@ class UnionFS(pyfuse3.Operations):
         work = self._writable()
         if node.is_dir:
             raise FUSEError(errno.EPERM)
+        if node.unlinked:
+            raise FUSEError(errno.ENOENT)
         if self._resolve(parent, name) is not None:
             raise FUSEError(errno.EEXIST)
         self._copy_up(node)
         self._copy_up(parent)
-        rel = join(parent.path, name)
-        target = self.stack.real(UPPER, rel)
-        if os.path.lexists(target):  # a whiteout: link beside it, then replace it
+        src_dir, src = self._where(node)
+        self._stat(node)  # still the file looked up
+        ufd = self.table.dirfd(parent, UPPER)
+        try:
+            os.stat(name, dir_fd=ufd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.link(src, name, src_dir_fd=src_dir, dst_dir_fd=ufd, follow_symlinks=False)
+        else:  # a whiteout: link beside it, then replace it
             tmp = work.temp()
-            os.link(self._real(node), tmp)
-            os.rename(tmp, target)
-        else:
-            os.link(self._real(node), target)
-        node.aliases.add(rel)
+            os.link(src, tmp, src_dir_fd=src_dir, dst_dir_fd=work.fd, follow_symlinks=False)
+            os.rename(tmp, name, src_dir_fd=work.fd, dst_dir_fd=ufd)
+        self.table.add_alias(node, parent, name)
         self.table.lookup(node)
         return self._attrs(node, self._stat(node))
 
@@ -375,31 +515,31 @@ class UnionFS(pyfuse3.Operations):
             raise FUSEError(errno.ENOTDIR)
         if not want_dir and entry.is_dir:
             raise FUSEError(errno.EISDIR)
-        if entry.is_dir and self.stack.listing(node.path, entry.layer == UPPER, entry.lowers):
+        if entry.is_dir and not self._is_empty(node):
             raise FUSEError(errno.ENOTEMPTY)
         self._copy_up(parent)
-        rel = join(parent.path, name)
-        target = self.stack.real(UPPER, rel)
-        below = self.stack.in_lowers(parent.path, parent.lowers, name)
+        ufd = self.table.dirfd(parent, UPPER)
+        below = self._in_lowers(parent, name)
         if entry.layer != UPPER:
-            make_whiteout(target)
+            make_whiteout(ufd, name)
         elif below:
             tmp = work.temp()
-            make_whiteout(tmp)
+            make_whiteout(work.fd, tmp)
             if entry.is_dir:
-                rename2(tmp, target, RENAME_EXCHANGE)
+                renameat2(work.fd, tmp, ufd, name, RENAME_EXCHANGE)
                 work.discard(tmp)
             else:
-                os.rename(tmp, target)
+                os.rename(tmp, name, src_dir_fd=work.fd, dst_dir_fd=ufd)
         elif entry.is_dir:
             tmp = work.temp()
-            os.rename(target, tmp)
+            os.rename(name, tmp, src_dir_fd=ufd, dst_dir_fd=work.fd)
             work.discard(tmp)
         else:
-            os.unlink(target)
+            os.unlink(name, dir_fd=ufd)
         if entry.layer == UPPER and (entry.is_dir or entry.st.st_nlink <= 1):
             self.table.forget_key(entry.st)
-        self.table.removed(rel)
+        self.table.removed(node, parent, name)
+        self.table.drop_unused(node)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         self._remove(self._node(parent_inode), os.fsdecode(name), want_dir=False)
@@ -411,79 +551,153 @@ class UnionFS(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: RequestContext) -> None:
         old_parent, new_parent = self._node(parent_inode_old), self._node(parent_inode_new)
         old, new = os.fsdecode(name_old), os.fsdecode(name_new)
-        self._rename(old_parent, old, new_parent, new, flags)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            self._exchange(old_parent, old, new_parent, new)
+        else:
+            self._rename(old_parent, old, new_parent, new, flags)
+
+    @staticmethod
+    def _inside(node: Node, d: Node) -> bool:
+        """Whether node is d or below it."""
+        n: Node | None = node
+        while n is not None:
+            if n is d:
+                return True
+            n = n.parent
+        return False
+
+    def _movable(self, node: Node, entry: Entry) -> None:
+        """Bring what is to be renamed into the upper: a directory with lower
+        content whole (as the kernel's redirect_dir=on allows it to move)."""
+        if entry.is_dir and entry.lowers:
+            self._copy_up_tree(node)
+        else:
+            self._copy_up(node)
 
     def _rename(self, old_parent: Node, old: str, new_parent: Node, new: str, flags: int) -> None:
-        work = self._writable()
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            raise FUSEError(errno.EINVAL)
+        self._writable()
         src, src_node = self._child(old_parent, old)
         dst = self._resolve(new_parent, new)
-        if is_marker(new):
-            raise FUSEError(errno.EINVAL)
-        if dst is not None:
-            if flags & pyfuse3.RENAME_NOREPLACE:
-                raise FUSEError(errno.EEXIST)
-            if self.table.ino_for(dst.st, dst.layer, join(new_parent.path, new)) == src_node.ino:
+        if dst is None:
+            self._move(src, src_node, old_parent, old, new_parent, new, None)
+            return
+        if flags & pyfuse3.RENAME_NOREPLACE:
+            raise FUSEError(errno.EEXIST)
+        dst_node = self.table.attach(new_parent, new, dst)
+        try:
+            if dst_node is src_node:
                 return  # two names of one file: rename(2) does nothing
             if src.is_dir and not dst.is_dir:
                 raise FUSEError(errno.ENOTDIR)
             if not src.is_dir and dst.is_dir:
                 raise FUSEError(errno.EISDIR)
-        old_rel, new_rel = join(old_parent.path, old), join(new_parent.path, new)
-        if src.is_dir and new_rel.startswith(old_rel + "/"):
+            self._check_move(src, src_node, new_parent)
+            if dst.is_dir and not self._is_empty(dst_node):
+                raise FUSEError(errno.ENOTEMPTY)
+            self._move(src, src_node, old_parent, old, new_parent, new, (dst, dst_node))
+        finally:
+            self.table.drop_unused(dst_node)
+
+    def _check_move(self, src: Entry, src_node: Node, new_parent: Node) -> None:
+        if src.is_dir and self._inside(new_parent, src_node):
             raise FUSEError(errno.EINVAL)
         if src.is_dir and src.lowers and not self.opts.redirect_dir:
             raise FUSEError(errno.EXDEV)  # the kernel's answer for a merged or lower dir
-        if dst is not None and dst.is_dir and self.stack.listing(new_rel, dst.layer == UPPER, dst.lowers):
-            raise FUSEError(errno.ENOTEMPTY)
+
+    def _move(self, src: Entry, src_node: Node, old_parent: Node, old: str, new_parent: Node, new: str,
+              dst: tuple[Entry, Node] | None) -> None:
+        work = self._writable()
+        self._check_move(src, src_node, new_parent)
         self._copy_up(old_parent)
         self._copy_up(new_parent)
-        if src.is_dir and src.lowers:
-            self._copy_up_tree(old_rel, src)
-        else:
-            self._copy_up(src_node)
-        src_path, dst_path = self.stack.real(UPPER, old_rel), self.stack.real(UPPER, new_rel)
+        self._movable(src_node, src)
+        sfd, dfd = self.table.dirfd(old_parent, UPPER), self.table.dirfd(new_parent, UPPER)
         try:
-            dst_upper: os.stat_result | None = os.lstat(dst_path)
+            dst_upper: os.stat_result | None = os.stat(new, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
             dst_upper = None
         if dst_upper is not None and (stat.S_ISDIR(dst_upper.st_mode) or src.is_dir):
             # An empty merged dir may still hold whiteouts, and a dir cannot
             # replace a whiteout: clear the way in the work dir.
             tmp = work.temp()
-            os.rename(dst_path, tmp)
+            os.rename(new, tmp, src_dir_fd=dfd, dst_dir_fd=work.fd)
             work.discard(tmp)
-        if (src.is_dir and self.stack.in_lowers(new_parent.path, new_parent.lowers, new)) or (
-            src.is_dir and dst_upper is not None and is_whiteout(dst_upper)
-        ):
-            set_opaque(src_path)
-        if self.stack.in_lowers(old_parent.path, old_parent.lowers, old):
-            rename2(src_path, dst_path, RENAME_WHITEOUT)
+        if src.is_dir and (self._in_lowers(new_parent, new)
+                           or (dst_upper is not None and is_whiteout(dst_upper))):
+            set_opaque(self.table.dirfd(src_node, UPPER))
+        if self._in_lowers(old_parent, old):
+            renameat2(sfd, old, dfd, new, RENAME_WHITEOUT)
         else:
-            os.rename(src_path, dst_path)
-        if dst is not None and dst.layer == UPPER and (dst.is_dir or dst.st.st_nlink <= 1):
-            self.table.forget_key(dst.st)
-        self.table.renamed(old_rel, new_rel)
+            os.rename(old, new, src_dir_fd=sfd, dst_dir_fd=dfd)
+        if dst is not None:
+            dst_entry, dst_node = dst
+            if dst_entry.layer == UPPER and (dst_entry.is_dir or dst_entry.st.st_nlink <= 1):
+                self.table.forget_key(dst_entry.st)
+            self.table.removed(dst_node, new_parent, new)
+        self.table.moved(src_node, old_parent, old, new_parent, new)
         if src.is_dir:
             src_node.lowers = ()
+
+    def _exchange(self, a_parent: Node, a: str, b_parent: Node, b: str) -> None:
+        """renameat2(RENAME_EXCHANGE): both names must exist; each takes the other's place."""
+        self._writable()
+        a_entry, a_node = self._child(a_parent, a)
+        b_entry, b_node = self._child(b_parent, b)
+        if a_node is b_node:
+            return
+        if (a_entry.is_dir and self._inside(b_parent, a_node)) or \
+                (b_entry.is_dir and self._inside(a_parent, b_node)):
+            raise FUSEError(errno.EINVAL)
+        for entry in (a_entry, b_entry):
+            if entry.is_dir and entry.lowers and not self.opts.redirect_dir:
+                raise FUSEError(errno.EXDEV)  # the kernel's answer for a merged or lower dir
+        self._copy_up(a_parent)
+        self._copy_up(b_parent)
+        self._movable(a_node, a_entry)
+        self._movable(b_node, b_entry)
+        afd, bfd = self.table.dirfd(a_parent, UPPER), self.table.dirfd(b_parent, UPPER)
+        # Each directory lands where lower names may lie below: nothing may show through.
+        for node, entry, parent, name in ((a_node, a_entry, b_parent, b), (b_node, b_entry, a_parent, a)):
+            if entry.is_dir and self._in_lowers(parent, name):
+                set_opaque(self.table.dirfd(node, UPPER))
+        renameat2(afd, a, bfd, b, RENAME_EXCHANGE)
+        self.table.moved(a_node, a_parent, a, b_parent, b)
+        self.table.moved(b_node, b_parent, b, a_parent, a)
+        for node, entry in ((a_node, a_entry), (b_node, b_entry)):
+            if entry.is_dir:
+                node.lowers = ()
 
     # ---- files ---------------------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
         node = self._node(inode)
-        if flags & WRITE_FLAGS:
+        copied = False
+        if flags & WRITE_FLAGS and not node.in_upper:
             self._copy_up(node, data=not flags & os.O_TRUNC)
-        fd = os.open(self._real(node), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
-        return FileInfo(fh=self._fh(FileHandle(node, fd)), keep_cache=True)
+            copied = True
+        bflags = (flags & ~_NOT_BACKING) | _BACKING
+        if node.unlinked:
+            other = self._handle_fd(node)
+            if other is None:
+                raise FUSEError(errno.ESTALE)
+            fd = os.open(f"/proc/self/fd/{other}", bflags & ~os.O_NOFOLLOW)
+        else:
+            dirfd, name = self._where(node)
+            fd = os.open(name, bflags, dir_fd=dirfd)
+            if ident(os.fstat(fd)) != node.ident:
+                os.close(fd)
+                raise FUSEError(errno.ESTALE)
+        # After a copy-up the kernel's cached pages are the lower file's: drop them.
+        return FileInfo(fh=self._fh(FileHandle(node, fd, flags)), keep_cache=not copied)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
         parent = self._node(parent_inode)
         opened: list[int] = []
 
-        def make(path: str) -> None:
-            opened.append(os.open(path, (flags | os.O_CREAT | os.O_EXCL) & ~os.O_TRUNC, 0o600))
+        def make(dirfd: int, path: str) -> None:
+            cflags = ((flags | os.O_CREAT | os.O_EXCL) & ~(os.O_TRUNC | os.O_DIRECT)) | _BACKING
+            opened.append(os.open(path, cflags, 0o600, dir_fd=dirfd))
 
         try:
             entry, node = self._create_entry(parent, os.fsdecode(name), ctx, make, mode)
@@ -492,7 +706,7 @@ class UnionFS(pyfuse3.Operations):
                 os.close(fd)
             raise
         self.table.lookup(node)
-        fh = self._fh(FileHandle(node, opened[0]))
+        fh = self._fh(FileHandle(node, opened[0], flags))
         return FileInfo(fh=fh, keep_cache=True), self._attrs(node, entry.st)
 
     def _file(self, fh: int) -> FileHandle:
@@ -526,6 +740,9 @@ class UnionFS(pyfuse3.Operations):
         else:
             os.fsync(fd)
 
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        fallocate(self._file(fh).fd, mode, offset, length)
+
     # ---- directories ---------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: RequestContext) -> FileInfo:
@@ -541,15 +758,24 @@ class UnionFS(pyfuse3.Operations):
             raise FUSEError(errno.EBADF)
         node = h.node
         if h.names is None or start_id == 0:
-            h.names = self.stack.listing(node.path, node.in_upper, node.lowers)
+            h.names = [".", "..", *self.stack.listing(self._dir(node))]
+        view = self._dir(node)
         for i in range(start_id, len(h.names)):
             name = h.names[i]
-            entry = self._resolve(node, name)
+            if name in (".", ".."):
+                # The kernel takes no lookup reference for these two.
+                dot = node if name == "." else (node.parent or self.table.root)
+                if not pyfuse3.readdir_reply(token, os.fsencode(name),
+                                             self._attrs(dot, self._stat(dot)), i + 1):
+                    return
+                continue
+            entry = self.stack.child(view, name)
             if entry is None:
                 continue  # removed while listing: skipped, offsets of the rest stay
-            child = self.table.attach(join(node.path, name), entry)
+            child = self.table.attach(node, name, entry)
             if not pyfuse3.readdir_reply(token, os.fsencode(name),
                                          self._attrs(child, entry.st), i + 1):
+                self.table.drop_unused(child)
                 return
             self.table.lookup(child)
 
@@ -561,7 +787,7 @@ class UnionFS(pyfuse3.Operations):
 
     async def statfs(self, ctx: RequestContext) -> StatvfsData:
         top = UPPER if self.stack.has_upper else 1
-        sv = os.statvfs(self.stack.real(top, ""))
+        sv = os.statvfs(self.stack.root_fd(top))
         d = StatvfsData()
         for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
                   "f_favail", "f_namemax"):
@@ -578,19 +804,30 @@ class UnionFS(pyfuse3.Operations):
             raise FUSEError(errno.ENOTSUP)
         return os.fsdecode(name)
 
+    def _xattr_target(self, node: Node) -> tuple[str | int, dict[str, bool]]:
+        """Where node's xattrs are: an fd, or an anchored path never followed."""
+        if node.is_dir and not node.unlinked:
+            return self.table.dirfd(node, node.layer), {}
+        if node.unlinked:
+            fd = self._handle_fd(node)
+            if fd is None:
+                raise FUSEError(errno.ESTALE)
+            return fd, {}
+        dirfd, name = self._where(node)
+        return at(dirfd, name), {"follow_symlinks": False}
+
     async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
         sname = self._check_xattrs(name)
         if is_private_xattr(sname):
             raise FUSEError(pyfuse3.ENOATTR)
-        node = self._node(inode)
-        return os.getxattr(self._real(node), sname, follow_symlinks=False)
+        target, kw = self._xattr_target(self._node(inode))
+        return os.getxattr(target, sname, **kw)
 
     async def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:
         if not self.opts.xattrs:
             return []
-        node = self._node(inode)
-        names = os.listxattr(self._real(node), follow_symlinks=False)
-        return [os.fsencode(n) for n in names if not is_private_xattr(n)]
+        target, kw = self._xattr_target(self._node(inode))
+        return [os.fsencode(n) for n in os.listxattr(target, **kw) if not is_private_xattr(n)]
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: RequestContext) -> None:
@@ -599,14 +836,17 @@ class UnionFS(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         node = self._node(inode)
         self._copy_up(node)
-        os.setxattr(self._real(node), sname, value, follow_symlinks=False)
+        target, kw = self._xattr_target(node)
+        os.setxattr(target, sname, value, **kw)
 
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
         sname = self._check_xattrs(name)
         if is_private_xattr(sname):
             raise FUSEError(errno.EPERM)
         node = self._node(inode)
-        os.getxattr(self._real(node), sname, follow_symlinks=False)  # ENODATA before any copy-up
+        target, kw = self._xattr_target(node)
+        os.getxattr(target, sname, **kw)  # ENODATA before any copy-up
         self._copy_up(node)
-        os.removexattr(self._real(node), sname, follow_symlinks=False)
+        target, kw = self._xattr_target(node)
+        os.removexattr(target, sname, **kw)
 

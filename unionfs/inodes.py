@@ -1,46 +1,63 @@
-"""The inode table: FUSE inode numbers for merged paths.
+"""The inode table: FUSE inode numbers, and the nodes the kernel knows.
 
-A number is tied to the identity (st_dev, st_ino) of the real file behind a
-name, and that tie is kept for the life of the mount, so a file keeps its
-st_ino when the kernel forgets and re-looks it up, and when it is copied up
-(the upper copy's identity is tied to the same number). Hard links in the
-upper share a number. Hard links in a lower layer do not: FUSE tells an open
-only the inode, and copy-up must know which name is being written, since it
-breaks the link as the kernel's overlayfs does. Nodes (path, layer, lookup
-count) exist only while the kernel references them.
+Numbers come from the backing file, as the kernel's overlayfs derives st_ino,
+so they are the same after a remount: a file's own st_ino when it lives on the
+filesystem of the first layer, with the filesystem's index in the top bits
+otherwise (as overlayfs's xino does). A copied-up file keeps the number its
+lower file had for the life of the mount, and hard links in the upper share a
+number. Hard links in a lower layer do not: FUSE tells an open only the
+inode, and copy-up must know which name is written, since it breaks the link
+as the kernel does; each such name gets a number hashed from the file and the
+name.
+
+A node knows where its file is as (parent node, name), never as a path: a
+rename moves one node and everything below it follows untouched, and an
+unlinked node has no name at all (it is reached through the fds of its open
+handles). A directory node keeps a directory fd for each layer it lives in,
+opened from its parent's fd without following symlinks and checked to be the
+directory looked up; those fds are a bounded cache, trimmed after each request
+(never during one, so no fd a request holds is closed under it).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import pyfuse3
+import xxhash
 
-from .layers import UPPER, Entry
+from .layers import UPPER, Entry, Ident, LayerStack, Lower, ident, open_dir
 
-Key = tuple[int, int] | tuple[int, int, str]
+Key = tuple[int, int] | tuple[int, int, int, str]
+
+# Directory fds kept open between requests (each is one openat to reopen).
+DIR_FDS = 4096
+_INO_BITS = 48
 
 
-def key_of(st: os.stat_result, layer: int = UPPER, rel: str = "") -> Key:
-    if layer != UPPER and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-        return (st.st_dev, st.st_ino, rel)
-    return (st.st_dev, st.st_ino)
+def stale() -> OSError:
+    return OSError(errno.ESTALE, os.strerror(errno.ESTALE))
 
 
 @dataclass(eq=False)
 class Node:
     ino: int
-    path: str
+    parent: Node | None
+    name: str
     layer: int
+    ident: Ident  # of the real file in `layer`
     is_dir: bool
-    lowers: tuple[int, ...] = ()
+    lowers: tuple[Lower, ...] = ()
     nlookup: int = 0
     handles: int = 0
-    # Other merged names of the same file (hard links), so one can stand in when `path` goes.
-    aliases: set[str] = field(default_factory=set)
+    # Other names of the same upper file (hard links), so one can stand in when the name goes.
+    aliases: list[tuple[Node, str]] = field(default_factory=list)
     unlinked: bool = False
+    fds: dict[int, int] = field(default_factory=dict)
 
     @property
     def in_upper(self) -> bool:
@@ -51,53 +68,104 @@ class Node:
         """A directory whose contents come from more than one layer."""
         return self.is_dir and len(self.lowers) + (self.layer == UPPER) > 1
 
+    def ident_in(self, layer: int) -> Ident:
+        if layer == self.layer:
+            return self.ident
+        for lay, i in self.lowers:
+            if lay == layer:
+                return i
+        raise stale()
+
 
 class InodeTable:
-    def __init__(self, root: Entry) -> None:
+    def __init__(self, stack: LayerStack, root: Entry) -> None:
+        self.stack = stack
         self.nodes: dict[int, Node] = {}
-        self.by_path: dict[str, Node] = {}
         self._by_key: dict[Key, int] = {}
-        self._next = pyfuse3.ROOT_INODE + 1
-        self.root = Node(pyfuse3.ROOT_INODE, "", root.layer, True, root.lowers, nlookup=1)
-        self._by_key[key_of(root.st)] = self.root.ino
-        self._add(self.root)
+        self._taken: dict[int, Key] = {}
+        self._devs: dict[int, int] = {}
+        for fd in stack.root_fds:
+            if fd is not None:
+                self._devs.setdefault(os.fstat(fd).st_dev, len(self._devs))
+        self._lru: OrderedDict[tuple[Node, int], None] = OrderedDict()
+        self.root = Node(pyfuse3.ROOT_INODE, None, "", root.layer, ident(root.st), True, root.lowers,
+                         nlookup=1)
+        for layer, fd in enumerate(stack.root_fds):
+            if fd is not None:
+                self.root.fds[layer] = fd  # pinned: never in the LRU, never closed
+        self._by_key[ident(root.st)] = pyfuse3.ROOT_INODE
+        self._taken[pyfuse3.ROOT_INODE] = ident(root.st)
+        self.nodes[self.root.ino] = self.root
 
-    def _add(self, node: Node) -> None:
-        self.nodes[node.ino] = node
-        self.by_path[node.path] = node
+    # ---- numbers ---------------------------------------------------------------------------
 
-    def ino_for(self, st: os.stat_result, layer: int = UPPER, rel: str = "") -> int:
-        k = key_of(st, layer, rel)
-        ino = self._by_key.get(k)
+    @staticmethod
+    def _key(st: os.stat_result, layer: int, parent: Node | None, name: str) -> Key:
+        if layer != UPPER and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and parent is not None:
+            return (st.st_dev, st.st_ino, parent.ino, name)
+        return (st.st_dev, st.st_ino)
+
+    def _derive(self, key: Key) -> int:
+        dev, ino = key[0], key[1]
+        dev_i = self._devs.setdefault(dev, len(self._devs))
+        if len(key) == 2 and ino < (1 << _INO_BITS) and dev_i < (1 << (63 - _INO_BITS)):
+            return (dev_i << _INO_BITS) | ino
+        return (1 << 63) | (xxhash.xxh3_64_intdigest(repr(key)) >> 1)
+
+    def number(self, st: os.stat_result, layer: int = UPPER, parent: Node | None = None,
+               name: str = "") -> int:
+        key = self._key(st, layer, parent, name)
+        ino = self._by_key.get(key)
         if ino is None:
-            ino = self._by_key[k] = self._next
-            self._next += 1
+            ino = self._derive(key)
+            # Taken by another file the kernel still knows (or the root's number): probe on.
+            while ino <= pyfuse3.ROOT_INODE or (self._taken.get(ino, key) != key and ino in self.nodes):
+                ino = (1 << 63) | (xxhash.xxh3_64_intdigest(str(ino)) >> 1)
+            self._by_key[key] = ino
+            self._taken[ino] = key
         return ino
 
-    def attach(self, rel: str, entry: Entry) -> Node:
-        """The node for a name just resolved; the caller counts the lookup."""
-        ino = self.ino_for(entry.st, entry.layer, rel)
-        node = self.nodes.get(ino)
-        if node is None:
-            node = Node(ino, rel, entry.layer, entry.is_dir, entry.lowers)
-            self._add(node)
-            return node
-        node.layer, node.lowers = entry.layer, entry.lowers
-        if node.path != rel:
-            if not node.is_dir and not node.unlinked and self.by_path.get(node.path) is node:
-                node.aliases.add(rel)
-            else:
-                self._move(node, rel)
-        node.unlinked = False
-        return node
+    def copied_up(self, node: Node, upper_st: os.stat_result) -> None:
+        """The node's file is now its upper copy: same number, new identity."""
+        self._by_key[(upper_st.st_dev, upper_st.st_ino)] = node.ino
+        node.layer, node.ident = UPPER, ident(upper_st)
 
-    def copied_up(self, lower_st: os.stat_result, layer: int, rel: str, upper_st: os.stat_result) -> None:
-        """Tie the upper copy to the number the lower file had."""
-        self._by_key[key_of(upper_st)] = self.ino_for(lower_st, layer, rel)
+    def uncopied(self, node: Node, layer: int, was: Ident) -> None:
+        """A copy-up taken back: the node is its lower file again."""
+        self._by_key.pop(node.ident, None)
+        fd = node.fds.pop(UPPER, None)
+        if fd is not None:
+            os.close(fd)
+            self._lru.pop((node, UPPER), None)
+        node.layer, node.ident = layer, was
 
     def forget_key(self, st: os.stat_result) -> None:
         """The real file is gone: its identity may be reused by a new file."""
-        self._by_key.pop(key_of(st), None)
+        self._by_key.pop((st.st_dev, st.st_ino), None)
+
+    # ---- nodes -----------------------------------------------------------------------------
+
+    def attach(self, parent: Node, name: str, entry: Entry) -> Node:
+        """The node for a name just resolved; the caller counts the lookup."""
+        ino = self.number(entry.st, entry.layer, parent, name)
+        node = self.nodes.get(ino)
+        if node is None:
+            node = Node(ino, parent, name, entry.layer, ident(entry.st), entry.is_dir, entry.lowers)
+            self.nodes[ino] = node
+            return node
+        if node.lowers != entry.lowers:
+            self._close_fds(node, keep=UPPER)
+        node.layer, node.ident, node.lowers = entry.layer, ident(entry.st), entry.lowers
+        if node.parent is not parent or node.name != name:
+            if node.is_dir or node.unlinked:
+                node.parent, node.name = parent, name
+            elif (parent, name) not in node.aliases:
+                node.aliases.append((parent, name))
+        node.unlinked = False
+        return node
+
+    def add_alias(self, node: Node, parent: Node, name: str) -> None:
+        node.aliases.append((parent, name))
 
     def lookup(self, node: Node, n: int = 1) -> None:
         node.nlookup += n
@@ -107,44 +175,79 @@ class InodeTable:
         if node is None:
             return
         node.nlookup -= n
-        self._maybe_drop(node)
+        self.drop_unused(node)
 
-    def _maybe_drop(self, node: Node) -> None:
+    def drop_unused(self, node: Node) -> None:
+        """Forget a node neither the kernel nor an open handle refers to."""
         if node.nlookup <= 0 and node.handles <= 0 and node.ino != pyfuse3.ROOT_INODE:
-            del self.nodes[node.ino]
-            if self.by_path.get(node.path) is node:
-                del self.by_path[node.path]
+            if self.nodes.get(node.ino) is node:
+                del self.nodes[node.ino]
+            self._close_fds(node)
 
     def release_handle(self, node: Node) -> None:
         node.handles -= 1
-        self._maybe_drop(node)
+        self.drop_unused(node)
 
-    def _move(self, node: Node, rel: str) -> None:
-        if self.by_path.get(node.path) is node:
-            del self.by_path[node.path]
-        node.path = rel
-        self.by_path[rel] = node
+    def removed(self, node: Node, parent: Node, name: str) -> None:
+        """The name (parent, name) of node is gone; it lives on under another, or unlinked."""
+        if node.parent is parent and node.name == name:
+            if node.aliases:
+                node.parent, node.name = node.aliases.pop()
+            else:
+                node.unlinked = True
+        elif (parent, name) in node.aliases:
+            node.aliases.remove((parent, name))
 
-    def removed(self, rel: str) -> Node | None:
-        """A merged name is gone; its node keeps living on another name, or unlinked."""
-        node = self.by_path.pop(rel, None)
-        if node is None:
-            for n in self.nodes.values():
-                n.aliases.discard(rel)
-            return None
-        if node.aliases:
-            node.path = node.aliases.pop()
-            self.by_path[node.path] = node
-        else:
-            node.unlinked = True
-        return node
+    def moved(self, node: Node, old_parent: Node, old: str, new_parent: Node, new: str) -> None:
+        """The name (old_parent, old) of node is now (new_parent, new)."""
+        if node.parent is old_parent and node.name == old:
+            node.parent, node.name = new_parent, new
+        elif (old_parent, old) in node.aliases:
+            node.aliases[node.aliases.index((old_parent, old))] = (new_parent, new)
 
-    def renamed(self, old: str, new: str) -> None:
-        """Move a name and, for a directory, every known name below it."""
-        self.removed(new)
-        node = self.by_path.get(old)
-        if node is not None:
-            self._move(node, new)
-        prefix = old + "/"
-        for path in [p for p in self.by_path if p.startswith(prefix)]:
-            self._move(self.by_path[path], new + path[len(old):])
+    # ---- directory fds ---------------------------------------------------------------------
+
+    def dirfd(self, node: Node, layer: int) -> int:
+        """An fd of node's directory in `layer`, reached from the layer's root one
+        component at a time, each checked against the identity looked up."""
+        fd = node.fds.get(layer)
+        if fd is not None:
+            if node.parent is not None:
+                self._lru.move_to_end((node, layer))
+            return fd
+        chain = []
+        n = node
+        while n.fds.get(layer) is None:
+            if n.parent is None:
+                raise stale()
+            chain.append(n)
+            n = n.parent
+        fd = n.fds[layer]
+        for n in reversed(chain):
+            fd = open_dir(fd, n.name, n.ident_in(layer))
+            n.fds[layer] = fd
+            self._lru[(n, layer)] = None
+        return fd
+
+    def set_dirfd(self, node: Node, layer: int, fd: int) -> None:
+        """Adopt an fd this process opened of node's directory in layer."""
+        old = node.fds.pop(layer, None)
+        if old is not None:
+            os.close(old)
+        node.fds[layer] = fd
+        self._lru[(node, layer)] = None
+
+    def _close_fds(self, node: Node, keep: int | None = None) -> None:
+        if node.parent is None:
+            return
+        for layer in [lay for lay in node.fds if lay != keep]:
+            os.close(node.fds.pop(layer))
+            self._lru.pop((node, layer), None)
+
+    def trim(self) -> None:
+        """Close the least recently used directory fds beyond the bound (between requests)."""
+        while len(self._lru) > DIR_FDS:
+            (node, layer), _ = self._lru.popitem(last=False)
+            fd = node.fds.pop(layer, None)
+            if fd is not None:
+                os.close(fd)

@@ -91,13 +91,24 @@ def is_mountpoint(path: str | os.PathLike[str]) -> bool:
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
-_AT_FDCWD = -100
 libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 
 
-def rename2(src: str | os.PathLike[str], dst: str | os.PathLike[str], flags: int) -> None:
-    """renameat2(2): RENAME_WHITEOUT leaves an overlay whiteout where src was, in
-    the same atomic step, which is how the kernel's overlayfs removes lower names."""
-    if libc.renameat2(_AT_FDCWD, _b(src), _AT_FDCWD, _b(dst), flags) != 0:
+def renameat2(src_dirfd: int, src: str, dst_dirfd: int, dst: str, flags: int) -> None:
+    """renameat2(2), anchored at two directory fds: RENAME_WHITEOUT leaves an
+    overlay whiteout where src was in the same atomic step (how the kernel's
+    overlayfs removes lower names), RENAME_EXCHANGE swaps two names."""
+    if libc.renameat2(src_dirfd, _b(src), dst_dirfd, _b(dst), flags) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), os.fsdecode(src))
+        raise OSError(err, os.strerror(err), src)
+
+
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode flags (keep size, punch hole, zero range...),
+    which os.posix_fallocate does not take."""
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

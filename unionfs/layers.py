@@ -1,14 +1,19 @@
-"""Lookup through the layer stack: which layer holds a name, what merges under
-a directory, what a merged directory lists.
+"""Lookup through the layer stack, anchored: which layer holds a name, what
+merges under a directory, what a merged directory lists.
 
 Layer 0 is the upper (absent on a read-only mount), layers 1..n the lowers,
-top first. Lower layers never change while mounted, so each lower directory
-is read once into a `DirIndex` and answered from memory afterwards; the upper
-is asked directly, since this process is its only writer but also changes it.
+top first. Every access is relative to a directory fd (a layer root opened
+once at mount, or a directory reached from it one component at a time with
+O_NOFOLLOW), so a symlink or a rename someone slips into a layer can make an
+access fail but never lead it outside the layer. Lower directories are read
+once into a `DirIndex`, keyed by the directory's identity (st_dev, st_ino),
+and answered from memory afterwards; the upper is asked directly, since this
+process is its only writer but also changes it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -20,6 +25,33 @@ UPPER = 0
 # Kinds of entry in a lower directory.
 DIR, OTHER, WHITEOUT = 1, 2, 3
 
+# A directory opened for reading and as an anchor; never through a symlink.
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+Ident = tuple[int, int]
+
+
+def ident(st: os.stat_result) -> Ident:
+    """A file's identity on the host: what a name must still point to before it is used."""
+    return (st.st_dev, st.st_ino)
+
+
+def at(dirfd: int, name: str) -> str:
+    """A path to `name` in the directory `dirfd` holds, for calls Python offers
+    no dir_fd for (the xattr calls): the kernel resolves /proc/self/fd/N to that
+    very directory, and with follow_symlinks=False `name` itself is not followed."""
+    return f"/proc/self/fd/{dirfd}/{name}"
+
+
+def open_dir(dirfd: int, name: str, expect: Ident | None = None) -> int:
+    """Open the directory `name` below `dirfd`, refusing a symlink; with `expect`,
+    refuse (ESTALE) a directory that is not the one looked up before."""
+    fd = os.open(name, O_DIR, dir_fd=dirfd)
+    if expect is not None and ident(os.fstat(fd)) != expect:
+        os.close(fd)
+        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), name)
+    return fd
+
 
 @dataclass
 class DirIndex:
@@ -30,6 +62,10 @@ class DirIndex:
     opaque: bool = False
 
 
+# A lower layer merged into a directory, with the identity of its directory there.
+Lower = tuple[int, Ident]
+
+
 @dataclass(frozen=True)
 class Entry:
     """Where a merged name lives: its top layer, that layer's lstat, and for a
@@ -37,11 +73,22 @@ class Entry:
 
     layer: int
     st: os.stat_result
-    lowers: tuple[int, ...] = ()
+    lowers: tuple[Lower, ...] = ()
 
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.st.st_mode)
+
+
+class Dir:
+    """A merged directory as lookups need it: a directory fd in each of its
+    layers (the upper's when it is there, then its lowers', top first)."""
+
+    __slots__ = ("lowers", "upper")
+
+    def __init__(self, upper: int | None, lowers: list[tuple[int, int, Ident]]) -> None:
+        self.upper = upper
+        self.lowers = lowers  # (layer, fd, identity of the directory)
 
 
 def _is_whiteout_entry(d: os.DirEntry[str]) -> bool:
@@ -51,41 +98,56 @@ def _is_whiteout_entry(d: os.DirEntry[str]) -> bool:
     return is_whiteout(d.stat(follow_symlinks=False))
 
 
-def join(rel: str, name: str) -> str:
-    return f"{rel}/{name}" if rel else name
-
-
 class LayerStack:
+    """The layer roots, opened once, and the lower-directory indexes."""
+
     def __init__(self, upper: str | None, lowers: list[str]) -> None:
-        self.roots: list[str | None] = [upper, *(os.path.abspath(p) for p in lowers)]
-        if upper is not None:
-            self.roots[UPPER] = os.path.abspath(upper)
-        self._index: dict[tuple[int, str], DirIndex] = {}
+        self.paths: list[str | None] = [upper, *lowers]
+        self.root_fds: list[int | None] = [
+            None if p is None else os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            for p in self.paths
+        ]
+        self._index: dict[tuple[int, Ident], DirIndex] = {}
 
     @property
     def has_upper(self) -> bool:
-        return self.roots[UPPER] is not None
+        return self.root_fds[UPPER] is not None
 
     @property
     def lower_layers(self) -> tuple[int, ...]:
-        return tuple(range(1, len(self.roots)))
+        return tuple(range(1, len(self.root_fds)))
 
-    def real(self, layer: int, rel: str) -> str:
-        root = self.roots[layer]
-        assert root is not None, "no upper layer on a read-only mount"
-        return f"{root}/{rel}" if rel else root
+    def root_fd(self, layer: int) -> int:
+        fd = self.root_fds[layer]
+        assert fd is not None, "no upper layer on a read-only mount"
+        return fd
 
-    def index(self, layer: int, rel: str) -> DirIndex:
-        key = (layer, rel)
+    def index(self, layer: int, fd: int, known: Ident | None = None) -> DirIndex:
+        """The index of the lower directory `fd` (whose identity the caller may know)."""
+        key = (layer, known or ident(os.fstat(fd)))
         idx = self._index.get(key)
         if idx is None:
-            idx = self._index[key] = self._read_dir(self.real(layer, rel))
+            idx = self._index[key] = self._read_dir(fd)
         return idx
 
+    def _opaque(self, layer: int, parent_fd: int, name: str, known: Ident) -> bool:
+        """Whether the lower directory `name` hides what is below it."""
+        idx = self._index.get((layer, known))
+        if idx is None:
+            try:
+                fd = open_dir(parent_fd, name, known)
+            except OSError:
+                return True  # changed under us (a clone's live source): show nothing below
+            try:
+                idx = self.index(layer, fd, known)
+            finally:
+                os.close(fd)
+        return idx.opaque
+
     @staticmethod
-    def _read_dir(path: str) -> DirIndex:
-        idx = DirIndex(opaque=has_opaque_xattr(path))
-        with os.scandir(path) as it:
+    def _read_dir(fd: int) -> DirIndex:
+        idx = DirIndex(opaque=has_opaque_xattr(fd))
+        with os.scandir(fd) as it:
             for d in it:
                 name = d.name
                 if is_marker(name):
@@ -104,29 +166,30 @@ class LayerStack:
 
     def root_entry(self) -> Entry:
         top = UPPER if self.has_upper else 1
-        return Entry(top, os.lstat(self.real(top, "")), self.lower_layers)
+        lowers = tuple((layer, ident(os.fstat(self.root_fd(layer)))) for layer in self.lower_layers)
+        return Entry(top, os.fstat(self.root_fd(top)), lowers)
 
-    def child(self, parent_rel: str, parent_lowers: tuple[int, ...], name: str,
-              with_upper: bool = True) -> Entry | None:
-        """Resolve `name` in a merged directory; None when nothing visible has it."""
-        rel = join(parent_rel, name)
+    def child(self, parent: Dir, name: str) -> Entry | None:
+        """Resolve `name` in a merged directory; None when nothing visible has it.
+        Upper names are literal (only a whiteout hides); lower `.wh.` names are
+        the OCI/AUFS markers and never resolve."""
         top: tuple[int, os.stat_result] | None = None
-        lowers: list[int] = []
-        if with_upper and self.has_upper:
+        lowers: list[Lower] = []
+        if parent.upper is not None:
             try:
-                st = os.lstat(self.real(UPPER, rel))
+                st = os.stat(name, dir_fd=parent.upper, follow_symlinks=False)
             except FileNotFoundError:
                 pass
-            except NotADirectoryError:
-                return None
             else:
                 if is_whiteout(st):
                     return None
-                if not stat.S_ISDIR(st.st_mode) or has_opaque_xattr(self.real(UPPER, rel)):
+                if not stat.S_ISDIR(st.st_mode) or has_opaque_xattr(at(parent.upper, name)):
                     return Entry(UPPER, st)
                 top = (UPPER, st)
-        for layer in parent_lowers:
-            idx = self.index(layer, parent_rel)
+        if is_marker(name):
+            return None if top is None else Entry(top[0], top[1])
+        for i, (layer, fd, known) in enumerate(parent.lowers):
+            idx = self.index(layer, fd, known)
             kind = idx.entries.get(name)
             if kind is None:
                 if name in idx.hidden:
@@ -134,39 +197,37 @@ class LayerStack:
                 continue
             if kind == WHITEOUT:
                 break
-            if kind == OTHER:
+            try:
+                lst = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone from a live lower (a clone's source) since it was read
+            if kind == OTHER or not stat.S_ISDIR(lst.st_mode):
                 if top is None:
-                    return Entry(layer, os.lstat(self.real(layer, rel)))
+                    return Entry(layer, lst)
                 break
             if top is None:
-                top = (layer, os.lstat(self.real(layer, rel)))
-            lowers.append(layer)
-            if name in idx.hidden or self.index(layer, rel).opaque:
+                top = (layer, lst)
+            lowers.append((layer, ident(lst)))
+            if name in idx.hidden or (i + 1 < len(parent.lowers)
+                                      and self._opaque(layer, fd, name, ident(lst))):
                 break
         if top is None:
             return None
         return Entry(top[0], top[1], tuple(lowers))
 
-    def in_lowers(self, parent_rel: str, parent_lowers: tuple[int, ...], name: str) -> bool:
-        """Whether removing the upper's `name` would uncover something: then a
-        whiteout must stay in its place."""
-        return self.child(parent_rel, parent_lowers, name, with_upper=False) is not None
-
-    def listing(self, rel: str, in_upper: bool, lowers: tuple[int, ...]) -> list[str]:
+    def listing(self, parent: Dir) -> list[str]:
         """Names of a merged directory: upper first, each lower's new names after."""
         names: dict[str, None] = {}
         hidden: set[str] = set()
-        if in_upper:
-            with os.scandir(self.real(UPPER, rel)) as it:
+        if parent.upper is not None:
+            with os.scandir(parent.upper) as it:
                 for d in it:
-                    if is_marker(d.name):
-                        continue
                     if _is_whiteout_entry(d):
                         hidden.add(d.name)
                     else:
                         names[d.name] = None
-        for layer in lowers:
-            idx = self.index(layer, rel)
+        for layer, fd, known in parent.lowers:
+            idx = self.index(layer, fd, known)
             for name, kind in idx.entries.items():
                 if name in hidden or name in names:
                     continue
@@ -177,9 +238,7 @@ class LayerStack:
             hidden |= idx.hidden
         return list(names)
 
-    def first_lower_dir(self, rel: str) -> int | None:
-        """The lower layer a visible directory's metadata comes from on copy-up."""
-        for layer in self.lower_layers:
-            if os.path.isdir(self.real(layer, rel)) and not os.path.islink(self.real(layer, rel)):
-                return layer
-        return None
+    def upper_whiteouts(self, fd: int) -> list[str]:
+        """The whiteouts in an upper directory (to drop once it is opaque)."""
+        with os.scandir(fd) as it:
+            return [d.name for d in it if _is_whiteout_entry(d)]

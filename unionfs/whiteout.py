@@ -38,10 +38,13 @@ def whited_out_name(marker: str) -> str | None:
     return marker[len(WH_PREFIX):]
 
 
-def has_opaque_xattr(path: str) -> bool:
+def has_opaque_xattr(target: str | int) -> bool:
+    """Whether a directory (an fd, or a path that is never followed) is marked opaque."""
     for name in OPAQUE_XATTRS:
         try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+            value = (os.getxattr(target, name) if isinstance(target, int)
+                     else os.getxattr(target, name, follow_symlinks=False))
+            if value == b"y":
                 return True
         except OSError:
             continue
@@ -52,9 +55,10 @@ def is_private_xattr(name: str) -> bool:
     return name.startswith(PRIVATE_XATTR_PREFIXES)
 
 
-def make_whiteout(path: str) -> None:
-    os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+def make_whiteout(dirfd: int, name: str) -> None:
+    os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dirfd)
 
 
-def set_opaque(path: str) -> None:
-    os.setxattr(path, OPAQUE_XATTR, b"y", follow_symlinks=False)
+def set_opaque(fd: int) -> None:
+    """Mark the directory open at `fd` opaque."""
+    os.setxattr(fd, OPAQUE_XATTR, b"y")
