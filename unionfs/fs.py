@@ -151,7 +151,7 @@ class UnionFS(pyfuse3.Operations):
     def _dir(self, node: Node, with_upper: bool = True) -> Dir:
         """The merged directory node as the layer stack reads it."""
         upper = self.table.dirfd(node, UPPER) if with_upper and node.in_upper else None
-        return Dir(upper, [(layer, self.table.dirfd(node, layer), i) for layer, i in node.lowers])
+        return Dir(upper, node.lowers, lambda layer: self.table.dirfd(node, layer))
 
     def _attrs(self, node: Node, st: os.stat_result) -> EntryAttributes:
         a = EntryAttributes()
@@ -337,7 +337,7 @@ class UnionFS(pyfuse3.Operations):
             if mode is not None:
                 if setgid and is_dir:
                     mode |= stat.S_ISGID
-                os.chmod(at(dirfd, tmp), stat.S_IMODE(mode))  # made just now: not a symlink
+                os.chmod(tmp, stat.S_IMODE(mode), dir_fd=dirfd)  # made just now: not a symlink
             if is_dir and (over_whiteout or parent.lowers):
                 # As the kernel does: nothing below can show through a new directory.
                 fd = open_dir(dirfd, tmp)

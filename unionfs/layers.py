@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .whiteout import has_opaque_xattr, is_marker, is_whiteout, whited_out_name
@@ -81,14 +82,18 @@ class Entry:
 
 
 class Dir:
-    """A merged directory as lookups need it: a directory fd in each of its
-    layers (the upper's when it is there, then its lowers', top first)."""
+    """A merged directory as lookups need it: its upper directory fd (when it is
+    in the upper) and its lower layers with their directories' identities, top
+    first; a lower directory's fd is asked for (`fd`) only when an index must be
+    read or a name in it stat'ed, so a lookup over many layers opens nothing
+    for the layers whose index is already in memory."""
 
-    __slots__ = ("lowers", "upper")
+    __slots__ = ("fd", "lowers", "upper")
 
-    def __init__(self, upper: int | None, lowers: list[tuple[int, int, Ident]]) -> None:
+    def __init__(self, upper: int | None, lowers: tuple[Lower, ...], fd: Callable[[int], int]) -> None:
         self.upper = upper
-        self.lowers = lowers  # (layer, fd, identity of the directory)
+        self.lowers = lowers
+        self.fd = fd
 
 
 def _is_whiteout_entry(d: os.DirEntry[str]) -> bool:
@@ -122,12 +127,11 @@ class LayerStack:
         assert fd is not None, "no upper layer on a read-only mount"
         return fd
 
-    def index(self, layer: int, fd: int, known: Ident | None = None) -> DirIndex:
-        """The index of the lower directory `fd` (whose identity the caller may know)."""
-        key = (layer, known or ident(os.fstat(fd)))
-        idx = self._index.get(key)
+    def index(self, layer: int, fd: Callable[[int], int], known: Ident) -> DirIndex:
+        """The index of a lower directory, by identity; read (through `fd`) on first use."""
+        idx = self._index.get((layer, known))
         if idx is None:
-            idx = self._index[key] = self._read_dir(fd)
+            idx = self._index[(layer, known)] = self._read_dir(fd(layer))
         return idx
 
     def _opaque(self, layer: int, parent_fd: int, name: str, known: Ident) -> bool:
@@ -139,7 +143,7 @@ class LayerStack:
             except OSError:
                 return True  # changed under us (a clone's live source): show nothing below
             try:
-                idx = self.index(layer, fd, known)
+                idx = self._index[(layer, known)] = self._read_dir(fd)
             finally:
                 os.close(fd)
         return idx.opaque
@@ -188,8 +192,8 @@ class LayerStack:
                 top = (UPPER, st)
         if is_marker(name):
             return None if top is None else Entry(top[0], top[1])
-        for i, (layer, fd, known) in enumerate(parent.lowers):
-            idx = self.index(layer, fd, known)
+        for i, (layer, known) in enumerate(parent.lowers):
+            idx = self.index(layer, parent.fd, known)
             kind = idx.entries.get(name)
             if kind is None:
                 if name in idx.hidden:
@@ -197,6 +201,7 @@ class LayerStack:
                 continue
             if kind == WHITEOUT:
                 break
+            fd = parent.fd(layer)
             try:
                 lst = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -226,8 +231,8 @@ class LayerStack:
                         hidden.add(d.name)
                     else:
                         names[d.name] = None
-        for layer, fd, known in parent.lowers:
-            idx = self.index(layer, fd, known)
+        for layer, known in parent.lowers:
+            idx = self.index(layer, parent.fd, known)
             for name, kind in idx.entries.items():
                 if name in hidden or name in names:
                     continue
