@@ -11,6 +11,7 @@ provisions it (mounts the tmpfs or the clone), the last Unmount releases it.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,9 @@ class VolumeManager:
 
     def _layers_of(self, name: str) -> list[Path]:
         rec = self._load(name)
-        return driver_for(rec.type).layers(rec, self.store.volume_dir(name), self.ctx)
+        # Layers are real paths (Driver.layers); the state root may be reached through a symlink.
+        vdir = Path(os.path.realpath(self.store.volume_dir(name)))
+        return driver_for(rec.type).layers(rec, vdir, self.ctx)
 
     def _dependents(self, name: str) -> list[str]:
         return [

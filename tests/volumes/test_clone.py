@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from plugin_api import protocol as p
 from unionfs import kernel
 from unionfs.errors import StrataError
 from volumes import VolumeManager
+from volumes.drivers.base import open_layer
 from volumes.drivers.clone import unionfs_program
 
 from .conftest import Env, Service
@@ -122,7 +124,87 @@ def test_clone_remounted_after_kill9_and_reboot(env: Env, service: Service, sour
     assert not kernel.is_mountpoint(mp)
 
 
-def fuse_daemons(mountpoint: Path) -> set[int]:
+@pytest.fixture
+def bind_site(env: Env, tmp_path: Path) -> tuple[Path, Path]:
+    """A host directory inside the bind roots, and one outside them holding a canary."""
+    unionfs_program(None)
+    site = env.bind_root / "site"
+    site.mkdir()
+    (site / "index.html").write_text("hello\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("host only\n")
+    return site, outside
+
+
+def test_clone_of_a_bind_volume_turned_symlink_is_refused(
+    env: Env, service: Service, bind_site: tuple[Path, Path]
+) -> None:
+    """Every layer a clone stacks is checked as a Mount of its own volume would check it:
+    once the bind source's directory is a symlink out of bind_roots, Mount of a clone of
+    it, and of a clone of that clone, answers one line of Err and mounts nothing."""
+    site, outside = bind_site
+    for name, opts in (("host", {"type": "bind", "device": str(site)}),
+                       ("c1", {"type": "clone", "from": "host"}),
+                       ("c2", {"type": "clone", "from": "c1"})):
+        assert service.call(p.CREATE, {"Name": name, "Opts": opts}) == {}
+    for name in ("c1", "c2"):
+        mp = service.call(p.MOUNT, {"Name": name, "ID": "a" * 64})["Mountpoint"]
+        assert os.listdir(mp) == ["index.html"]
+        assert service.call(p.UNMOUNT, {"Name": name, "ID": "a" * 64}) == {}
+    site.rename(site.with_name("site.old"))
+    site.symlink_to(outside)
+    for name in ("host", "c1", "c2"):
+        answer = service.call(p.MOUNT, {"Name": name, "ID": "b" * 64})
+        err = answer.get("Err", "")
+        assert f"bind device {site} is outside the allowed roots" in err and "\n" not in err, answer
+        if name != "host":
+            assert err.startswith(f"cannot mount clone {name}: "), err
+            mp = env.root / "volumes" / name / "_data"
+            assert not kernel.is_mountpoint(mp) and not fuse_daemon_pids(mp)
+        status = service.call(p.GET, {"Name": name})["Volume"]["Status"]
+        assert status["MountCount"] == 0 and status["Mounted"] is False, status
+    assert (outside / "secret").read_text() == "host only\n"
+
+
+def test_clone_mounted_before_its_bind_source_became_a_symlink(
+    manager: VolumeManager, bind_site: tuple[Path, Path]
+) -> None:
+    """A mounted clone holds its lower layers as the directories checked at Mount: a symlink
+    swapped in for the bind source's directory afterwards is never followed."""
+    site, outside = bind_site
+    manager.create("host", {"type": "bind", "device": str(site)})
+    manager.create("c1", {"type": "clone", "from": "host"})
+    manager.create("c2", {"type": "clone", "from": "c1"})
+    mps = [manager.mount(name, "A") for name in ("c1", "c2")]
+    site.rename(site.with_name("site.old"))
+    site.symlink_to(outside)
+    for mp in mps:
+        assert os.listdir(mp) == ["index.html"]
+        assert (mp / "index.html").read_text() == "hello\n"
+        assert not (mp / "secret").exists()
+    for name in ("c2", "c1"):
+        manager.unmount(name, "A")
+
+
+def test_open_layer_holds_the_checked_path(tmp_path: Path) -> None:
+    """The descriptor a clone hands strata-unionfs is of the directory at exactly the path
+    checked: a symlink at any component of it, or a directory moved there, is refused."""
+    (tmp_path / "real" / "layer").mkdir(parents=True)
+    fd = open_layer(tmp_path / "real" / "layer")
+    try:
+        assert os.path.samestat(os.stat(f"/proc/self/fd/{fd}"), os.stat(tmp_path / "real" / "layer"))
+    finally:
+        os.close(fd)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(StrataError, match="resolves elsewhere; refusing"):
+        open_layer(tmp_path / "link" / "layer")
+    (tmp_path / "last").symlink_to(tmp_path / "real" / "layer")
+    with pytest.raises(StrataError, match="refusing"):
+        open_layer(tmp_path / "last")
+
+
+def fuse_daemon_pids(mountpoint: Path) -> set[int]:
     """The strata-unionfs processes with mountpoint on their command line."""
     found = set()
     for entry in Path("/proc").iterdir():
@@ -133,5 +215,10 @@ def fuse_daemons(mountpoint: Path) -> set[int]:
                 continue
             if any(b"strata-unionfs" in a for a in argv[:2]) and str(mountpoint).encode() in argv:
                 found.add(int(entry.name))
+    return found
+
+
+def fuse_daemons(mountpoint: Path) -> set[int]:
+    found = fuse_daemon_pids(mountpoint)
     assert found, f"no strata-unionfs process for {mountpoint}"
     return found

@@ -65,7 +65,9 @@ class Driver(ABC):
 
     @abstractmethod
     def layers(self, rec: VolumeRecord, vdir: Path, ctx: DriverContext) -> list[Path]:
-        """This volume's content as read-only overlay lower layers, top first."""
+        """This volume's content as read-only overlay lower layers, top first: each the real
+        path of a directory (no symlink in it), checked now by the driver that owns it, as a
+        Mount of this volume would check it (`open_layer` holds the caller to that path)."""
 
     def status(self, rec: VolumeRecord, vdir: Path) -> dict[str, Any]:
         """Driver details for Get's Status (beyond the manager's common fields)."""
@@ -82,6 +84,25 @@ def unmount_quietly(target: Path) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             kernel.umount(target, kernel.MNT_DETACH)
+
+
+def open_layer(path: Path) -> int:
+    """An O_PATH descriptor of the layer directory at path, a real path a driver has just
+    checked: refused if path no longer leads to a directory by exactly that route (a symlink
+    or a rename swapped in since the check), so the descriptor holds what the check approved
+    whatever later happens to the names."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise StrataError(f"layer {path}: {e.strerror or e}; refusing") from None
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        where = ""
+    if where != str(path):
+        os.close(fd)
+        raise StrataError(f"layer {path} now resolves elsewhere; refusing")
+    return fd
 
 
 def set_owner_and_mode(path: Path, uid: int, gid: int, mode: int) -> None:

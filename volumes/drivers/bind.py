@@ -29,6 +29,15 @@ def _check_device(device: str, ctx: DriverContext) -> Path:
     return real
 
 
+def _recheck(rec: VolumeRecord, ctx: DriverContext) -> Path:
+    """The recorded device, checked again: at every first Mount of the volume and whenever a
+    clone stacks it, since a symlink swapped in since create must not lead out."""
+    device = Path(rec.options["device"])
+    if _check_device(str(device), ctx) != device:
+        raise StrataError(f"bind device {device} now resolves elsewhere; refusing")
+    return device
+
+
 class BindDriver(Driver):
     type = "bind"
     # Owner and mode stay the host directory's: changing them would change the host.
@@ -46,12 +55,10 @@ class BindDriver(Driver):
         return Path(rec.options["device"])
 
     def provision(self, rec: VolumeRecord, vdir: Path, ctx: DriverContext) -> None:
-        # Re-checked at every first mount: a symlink swapped in since create must not lead out.
-        if _check_device(rec.options["device"], ctx) != Path(rec.options["device"]):
-            raise StrataError(f"bind device {rec.options['device']} now resolves elsewhere; refusing")
+        _recheck(rec, ctx)
 
     def layers(self, rec: VolumeRecord, vdir: Path, ctx: DriverContext) -> list[Path]:
-        return [Path(rec.options["device"])]
+        return [_recheck(rec, ctx)]
 
     def status(self, rec: VolumeRecord, vdir: Path) -> dict[str, Any]:
         return {"Device": rec.options["device"], "Size": tree_size(Path(rec.options["device"]))}

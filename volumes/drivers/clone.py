@@ -1,8 +1,15 @@
 """A copy-on-write snapshot of another volume through strata-unionfs: the source's
 content is the read-only lower layer stack, and the clone's own writes go to a
 private upper directory. The source is never written; it cannot be removed while
-a clone depends on it (the manager checks). Files the clone has not changed
-show the source's current content, as with any overlay lower layer."""
+a clone depends on it (the manager checks).
+
+The source stays live under a mounted clone (README, "clone"): a directory's
+listing is read once, when the clone first looks into it; a file the clone has
+not written is read from the source at read time; names replaced in the source
+afterwards are not followed. Every layer is checked at each mount by the driver
+that owns it (a bind device against `bind_roots`, as its own Mount would), and
+the lower layers reach strata-unionfs as descriptors of the checked directories
+(`/proc/self/fd/N`), so a symlink swapped in after the check is never mounted."""
 
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from unionfs.errors import StrataError
 from ..options import owner_and_mode
 from ..state import VolumeRecord
 from ..usage import tree_size
-from .base import DATA, Driver, DriverContext, set_owner_and_mode, unmount_quietly
+from .base import DATA, Driver, DriverContext, open_layer, set_owner_and_mode, unmount_quietly
 
 UPPER = "upper"
 WORK = "work"
@@ -37,13 +44,6 @@ def unionfs_program(configured: str | None) -> str:
     if not found:
         raise StrataError("strata-unionfs not found (install strata, or set unionfs in the volume config)")
     return found
-
-
-def _layer_option(layers: list[Path]) -> str:
-    for layer in layers:
-        if any(c in str(layer) for c in ",:\n"):
-            raise StrataError(f"cannot use {layer} as a clone layer: the path holds ',' or ':'")
-    return ":".join(str(layer) for layer in layers)
 
 
 class CloneDriver(Driver):
@@ -82,18 +82,31 @@ class CloneDriver(Driver):
             return
         if kernel.is_mountpoint(vdir / DATA):  # a dead daemon's mount: detach, then mount afresh
             unmount_quietly(vdir / DATA)
-        lower = _layer_option(ctx.layers_of(rec.options["from"]))
-        upper, work = vdir / UPPER, vdir / WORK
-        _layer_option([upper, work, vdir / DATA])
-        argv = [
-            unionfs_program(ctx.config.unionfs), "-o", f"lowerdir={lower},upperdir={upper},workdir={work}",
-            str(vdir / DATA),
-        ]
+        real = Path(os.path.realpath(vdir))
         try:
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=_MOUNT_TIMEOUT,
-                                 stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as e:
+            # Every layer checked now by its owner, down the chain of sources (Driver.layers).
+            upper, *lowers = self.layers(rec, real, ctx)
+        except StrataError as e:
             raise StrataError(f"cannot mount clone {rec.name}: {e}") from None
+        work = real / WORK
+        fds: list[int] = []
+        try:
+            for layer in (upper, work, *lowers):
+                fds.append(open_layer(layer))
+            # Every layer goes as the checked directory itself (the child inherits the
+            # descriptors and opens each through /proc/self/fd/N).
+            upper_o, work_o, *lower_o = (f"/proc/self/fd/{fd}" for fd in fds)
+            argv = [
+                unionfs_program(ctx.config.unionfs),
+                "-o", f"lowerdir={':'.join(lower_o)},upperdir={upper_o},workdir={work_o}", str(vdir / DATA),
+            ]
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=_MOUNT_TIMEOUT,
+                                 stdin=subprocess.DEVNULL, pass_fds=fds)
+        except (StrataError, OSError, subprocess.TimeoutExpired) as e:
+            raise StrataError(f"cannot mount clone {rec.name}: {e}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
         if res.returncode != 0 or not self.is_provisioned(rec, vdir):
             reason = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
             raise StrataError(f"cannot mount clone {rec.name}: strata-unionfs: {reason}")
