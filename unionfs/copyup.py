@@ -23,42 +23,11 @@ import os
 import stat
 
 from .layers import O_DIR, at, ident
+from .tree import remove_tree
 from .whiteout import is_private_xattr
 
 FICLONE = 0x40049409
 _CHUNK = 1 << 30
-
-
-def remove_tree(dirfd: int, name: str) -> None:
-    """Remove `name` below `dirfd` and everything in it, depth first without
-    recursion (a tree may be deeper than Python's stack) and without following
-    a symlink (every directory is entered by an fd opened with O_NOFOLLOW)."""
-    try:
-        os.unlink(name, dir_fd=dirfd)
-        return
-    except IsADirectoryError:
-        pass
-    except FileNotFoundError:
-        return
-    stack: list[tuple[int, str, int]] = [(dirfd, name, os.open(name, O_DIR, dir_fd=dirfd))]
-    try:
-        while stack:
-            parent, dname, fd = stack[-1]
-            with os.scandir(fd) as it:
-                entries = [(d.name, d.is_dir(follow_symlinks=False)) for d in it]
-            sub = next((n for n, is_dir in entries if is_dir), None)
-            if sub is None:
-                for n, _ in entries:
-                    os.unlink(n, dir_fd=fd)
-            else:
-                stack.append((fd, sub, os.open(sub, O_DIR, dir_fd=fd)))
-                continue
-            stack.pop()
-            os.close(fd)
-            os.rmdir(dname, dir_fd=parent)
-    finally:
-        for _, _, fd in stack:
-            os.close(fd)
 
 
 class WorkDir:
