@@ -12,8 +12,10 @@ quotes to its user. Unmount with `fusermount3 -u MNT` or `umount MNT`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -135,6 +137,16 @@ def _set_readahead(mountpoint: str) -> None:
         log.debug("read-ahead left at the default: %s", e)
 
 
+def _raise_fd_limit() -> None:
+    """The daemon holds an fd for each open file of the container and a cache of
+    directory fds: take the whole of the hard limit (podman and containerd may
+    start it with a soft limit of 1,024), as fuse-overlayfs does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -156,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     os.umask(0)
+    _raise_fd_limit()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format=f"{PROG}: %(message)s")
     if args.foreground or args.debug:

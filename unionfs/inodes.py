@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,8 +35,15 @@ from .layers import UPPER, Entry, Ident, LayerStack, Lower, ident, open_dir
 
 Key = tuple[int, int] | tuple[int, int, int, str]
 
-# Directory fds kept open between requests (each is one openat to reopen).
+# Directory fds kept open between requests (each is one openat to reopen): at
+# most this many, and at most a quarter of the fd limit (the rest is for the
+# files the container opens).
 DIR_FDS = 4096
+
+
+def _dir_fd_bound() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(DIR_FDS, soft // 4)) if soft != resource.RLIM_INFINITY else DIR_FDS
 _INO_BITS = 48
 
 
@@ -88,6 +96,7 @@ class InodeTable:
             if fd is not None:
                 self._devs.setdefault(os.fstat(fd).st_dev, len(self._devs))
         self._lru: OrderedDict[tuple[Node, int], None] = OrderedDict()
+        self._lru_bound = _dir_fd_bound()
         self.root = Node(pyfuse3.ROOT_INODE, None, "", root.layer, ident(root.st), True, root.lowers,
                          nlookup=1)
         for layer, fd in enumerate(stack.root_fds):
@@ -246,7 +255,7 @@ class InodeTable:
 
     def trim(self) -> None:
         """Close the least recently used directory fds beyond the bound (between requests)."""
-        while len(self._lru) > DIR_FDS:
+        while len(self._lru) > self._lru_bound:
             (node, layer), _ = self._lru.popitem(last=False)
             fd = node.fds.pop(layer, None)
             if fd is not None:

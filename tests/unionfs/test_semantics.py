@@ -4,9 +4,11 @@ read, crash safety of copy-up, and the rest of what a filesystem has."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -243,3 +245,38 @@ def test_kill_during_copy_up_leaves_old_or_new(tmp_path: Path, size_mib: int) ->
                 assert f.read(len(block)) == block
     assert os.listdir(work / "work") == [], "a remount clears what the crash left in the work dir"
     assert snapshot(lower)["big"][4][0] == size_mib << 20
+
+
+def test_few_fds_many_directories(tmp_path: Path) -> None:
+    """With a soft and hard fd limit of 64 the daemon keeps 16 directory fds:
+    lookups, copy-ups, renames and removals across 300 directories reopen the
+    evicted ones and give what the kernel's overlayfs gives."""
+    seen = {}
+    for kind in ("kernel", "strata"):
+        lowers, upper, work, mnt = layer_dirs(tmp_path / kind, 1)
+        for i in range(300):
+            d = lowers[0] / f"a{i % 10}" / f"b{i}"
+            d.mkdir(parents=True)
+            (d / "f").write_text(f"{i}\n")
+        if kind == "kernel":
+            ctx = mounted(kind, lowers, upper, work, mnt)
+        else:
+            mnt.mkdir(exist_ok=True)
+            opts = overlay_opts(lowers, upper, work)
+            subprocess.run(["prlimit", "--nofile=64:64", STRATA, "-o", opts, str(mnt)], check=True)
+            ctx = contextlib.nullcontext(mnt)
+        try:
+            with ctx:
+                for i in range(0, 300, 3):
+                    d = mnt / f"a{i % 10}" / f"b{i}"
+                    with open(d / "f", "a") as f:
+                        f.write("more\n")
+                    os.rename(d / "f", d / "g")
+                    (d / "new").write_text("n\n")
+                for i in range(1, 300, 7):
+                    shutil.rmtree(mnt / f"a{i % 10}" / f"b{i}")
+                seen[kind] = snapshot(mnt)
+        finally:
+            if kind == "strata":
+                unmount(mnt)
+    assert seen["strata"] == seen["kernel"]
