@@ -40,7 +40,7 @@ PYFUSE3_BUILD   := $(CURDIR)/build/pyfuse3
 .stamp-pyfuse3: unionfs/pyfuse3.patch .stamp-apt | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	rm -rf $(PYFUSE3_BUILD) && mkdir -p $(PYFUSE3_BUILD)
-	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(PYFUSE3_BUILD) pyfuse3==$(PYFUSE3_VERSION)
+	$(PY) -m pip download -q --no-deps --no-binary pyfuse3 -d $(PYFUSE3_BUILD) pyfuse3==$(PYFUSE3_VERSION)
 	tar -xzf $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION).tar.gz -C $(PYFUSE3_BUILD)
 	patch -s -d $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION) -p1 < unionfs/pyfuse3.patch
 	$(PY) -m pip install -q --force-reinstall --no-deps $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION)
