@@ -1,5 +1,10 @@
 """Copy-up: bring a lower file into the upper before its first change.
 
+`CopyUp` is the collaborator the FUSE operations are handed (wired in
+`UnionFS.__init__`): it copies a node and the directories above it, a whole
+directory for a rename (all or nothing), and says when a file's open handles
+must move to the copy; the functions below it copy one file.
+
 Every copy is built in the work directory and renamed into the upper in one
 step, so a crash at any moment leaves either the lower file showing or the
 complete copy, never a torn file (leftovers in the work directory are removed
@@ -21,10 +26,12 @@ import fcntl
 import itertools
 import os
 import stat
+from collections.abc import Callable
 
-from .layers import O_DIR, at, ident
+from .inodes import InodeTable, Node
+from .layers import O_DIR, UPPER, Ident, at, ident
 from .tree import remove_tree
-from .whiteout import is_private_xattr
+from .whiteout import is_private_xattr, set_opaque
 
 FICLONE = 0x40049409
 _CHUNK = 1 << 30
@@ -179,3 +186,103 @@ def copy_up(work: WorkDir, src_dir: int, name: str, st: os.stat_result, dst_dir:
         raise
     os.utime(dst_dir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
     return os.stat(name, dir_fd=dst_dir, follow_symlinks=False)
+
+
+# Nodes a copy-up brought into the upper, with the layer and identity each had (to undo).
+CopyLog = list[tuple[Node, int, Ident]]
+
+
+class CopyUp:
+    """Brings nodes of the merged view into the upper, anchored as everything
+    else: the source through its parent's lower directory fd, checked to be the
+    file the node was looked up as; the copy through the upper parent's fd."""
+
+    def __init__(self, table: InodeTable, work: WorkDir, fsync: bool,
+                 moved: Callable[[Node, int], None]) -> None:
+        self.table = table
+        self.work = work
+        self.fsync = fsync
+        # Called once a file has its upper copy (node, upper parent fd): open handles move to it.
+        self.moved = moved
+
+    def node(self, node: Node, data: bool = True, log: CopyLog | None = None) -> None:
+        """Bring node, and the directories above it first, into the upper; with
+        `log`, note each node copied and where it was before (to undo)."""
+        if node.in_upper:
+            return
+        chain = []
+        n: Node | None = node
+        while n is not None and not n.in_upper:
+            chain.append(n)
+            n = n.parent
+        for n in reversed(chain):
+            before = (n, n.layer, n.ident)
+            self._one(n, data or n is not node)
+            if log is not None:
+                log.append(before)
+
+    def _one(self, node: Node, data: bool) -> None:
+        assert node.parent is not None and not node.unlinked
+        src_dir = self.table.dirfd(node.parent, node.layer)
+        dst_dir = self.table.dirfd(node.parent, UPPER)
+        lst = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
+        if ident(lst) != node.ident:
+            raise _stale(node.name)
+        ust = copy_up(self.work, src_dir, node.name, lst, dst_dir, data and not node.is_dir,
+                      self.fsync and not node.is_dir)
+        self.table.copied_up(node, ust)
+        if not node.is_dir:
+            self.moved(node, dst_dir)
+
+    def undo(self, log: CopyLog) -> None:
+        """Remove the copies noted in log, newest first: the upper is as it was
+        (parents keep their times), and the view never changed."""
+        for node, layer, was in reversed(log):
+            assert node.parent is not None
+            ufd = self.table.dirfd(node.parent, UPPER)
+            pst = os.fstat(ufd)
+            if node.is_dir:
+                os.rmdir(node.name, dir_fd=ufd)
+            else:
+                os.unlink(node.name, dir_fd=ufd)
+            os.utime(ufd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+            self.table.uncopied(node, layer, was)
+
+    def tree(self, node: Node) -> None:
+        """Bring a whole merged directory into the upper, so it can be renamed
+        as one upper directory, marked opaque: nothing below shows through, and
+        the whiteouts in it (no longer needed) go. All or nothing: a failure
+        (ENOSPC) takes back every copy made, as a redirect would have needed none."""
+        stack = self.table.stack
+        seen: list[Node] = []
+        log: CopyLog = []
+        dirs: list[Node] = []
+        try:
+            todo = [node]
+            while todo:
+                d = todo.pop()
+                self.node(d, log=log)
+                dirs.append(d)
+                view = self.table.view(d)
+                for name in stack.listing(view):
+                    entry = stack.child(view, name)
+                    if entry is None or (entry.layer == UPPER and not entry.lowers):
+                        continue
+                    child = self.table.attach(d, name, entry)
+                    seen.append(child)
+                    if entry.is_dir:
+                        todo.append(child)
+                    else:
+                        self.node(child, log=log)
+        except BaseException:
+            self.undo(log)
+            raise
+        finally:
+            for child in seen:
+                self.table.drop_unused(child)
+        for d in dirs:
+            ufd = self.table.dirfd(d, UPPER)
+            for name in stack.upper_whiteouts(ufd):
+                os.unlink(name, dir_fd=ufd)
+            set_opaque(ufd)
+            d.lowers = ()

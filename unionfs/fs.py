@@ -30,10 +30,10 @@ from typing import Any
 import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields, StatvfsData
 
-from .copyup import WorkDir, copy_up
+from .copyup import CopyUp, WorkDir
 from .inodes import InodeTable, Node, stale
 from .kernel import RENAME_EXCHANGE, RENAME_WHITEOUT, fallocate, renameat2
-from .layers import UPPER, Dir, Entry, Ident, LayerStack, at, ident, open_dir
+from .layers import UPPER, Entry, LayerStack, at, ident, open_dir
 from .options import MountOptions
 from .whiteout import is_private_xattr, is_whiteout, make_whiteout, set_opaque
 
@@ -101,6 +101,7 @@ class UnionFS(pyfuse3.Operations):
         self.readonly = opts.readonly or opts.upperdir is None
         self.work = WorkDir(opts.workdir) if opts.workdir and not self.readonly else None
         self.table = InodeTable(self.stack, self.stack.root_entry())
+        self.copyup = CopyUp(self.table, self.work, opts.fsync, self._moved) if self.work else None
         self.handles: dict[int, DirHandle | FileHandle] = {}
         self._next_fh = 1
         self.timeout = opts.timeout
@@ -148,11 +149,6 @@ class UnionFS(pyfuse3.Operations):
             raise FUSEError(errno.ESTALE)
         return st
 
-    def _dir(self, node: Node, with_upper: bool = True) -> Dir:
-        """The merged directory node as the layer stack reads it."""
-        upper = self.table.dirfd(node, UPPER) if with_upper and node.in_upper else None
-        return Dir(upper, node.lowers, lambda layer: self.table.dirfd(node, layer))
-
     def _attrs(self, node: Node, st: os.stat_result) -> EntryAttributes:
         a = EntryAttributes()
         a.st_ino = node.ino
@@ -188,15 +184,28 @@ class UnionFS(pyfuse3.Operations):
     def _gid_out(self, gid: int) -> int:
         return self.opts.gidmapping.to_outside(gid) if self.opts.gidmapping else gid
 
-    def _writable(self) -> WorkDir:
-        if self.readonly or self.work is None:
+    def _copyup(self) -> CopyUp:
+        if self.readonly or self.copyup is None:
             raise FUSEError(errno.EROFS)
-        return self.work
+        return self.copyup
+
+    def _writable(self) -> WorkDir:
+        return self._copyup().work
+
+    def _moved(self, node: Node, upper_dir: int) -> None:
+        """node's file now has its upper copy: its open handles move to it, so
+        every reader sees what is written from now on."""
+        for h in self._open_files(node):
+            fd = os.open(node.name, (h.flags & ~(_NOT_BACKING | os.O_TRUNC)) | _BACKING, dir_fd=upper_dir)
+            try:
+                os.dup2(fd, h.fd, inheritable=False)
+            finally:
+                os.close(fd)
 
     def _resolve(self, parent: Node, name: str) -> Entry | None:
         # Nothing is in the upper below a directory that is not: this process
         # copies a directory up before it puts anything in it.
-        return self.stack.child(self._dir(parent), name)
+        return self.stack.child(self.table.view(parent), name)
 
     def _child(self, parent: Node, name: str) -> tuple[Entry, Node]:
         entry = self._resolve(parent, name)
@@ -207,102 +216,10 @@ class UnionFS(pyfuse3.Operations):
     def _in_lowers(self, parent: Node, name: str) -> bool:
         """Whether removing the upper's `name` would uncover something: then a
         whiteout must stay in its place."""
-        return self.stack.child(self._dir(parent, with_upper=False), name) is not None
+        return self.stack.child(self.table.view(parent, with_upper=False), name) is not None
 
     def _is_empty(self, node: Node) -> bool:
-        return not self.stack.listing(self._dir(node))
-
-    # ---- copy-up ---------------------------------------------------------------------------
-
-    def _copy_up(self, node: Node, data: bool = True, log: list[tuple[Node, int, Ident]] | None = None,
-                 ) -> None:
-        """Bring node, and the directories above it first, into the upper; with
-        `log`, note each node copied and where it was before (to undo)."""
-        if node.in_upper:
-            return
-        work = self._writable()
-        chain = []
-        n: Node | None = node
-        while n is not None and not n.in_upper:
-            chain.append(n)
-            n = n.parent
-        for n in reversed(chain):
-            before = (n, n.layer, n.ident)
-            self._copy_up_one(work, n, data or n is not node)
-            if log is not None:
-                log.append(before)
-
-    def _copy_up_one(self, work: WorkDir, node: Node, data: bool) -> None:
-        assert node.parent is not None and not node.unlinked
-        src_dir = self.table.dirfd(node.parent, node.layer)
-        dst_dir = self.table.dirfd(node.parent, UPPER)
-        lst = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
-        if ident(lst) != node.ident:
-            raise FUSEError(errno.ESTALE)
-        ust = copy_up(work, src_dir, node.name, lst, dst_dir, data and not node.is_dir,
-                      self.opts.fsync and not node.is_dir)
-        self.table.copied_up(node, ust)
-        if node.is_dir:
-            return
-        # Open handles move to the copy, so every reader sees what is written from now on.
-        for h in self._open_files(node):
-            fd = os.open(node.name, (h.flags & ~(_NOT_BACKING | os.O_TRUNC)) | _BACKING, dir_fd=dst_dir)
-            try:
-                os.dup2(fd, h.fd, inheritable=False)
-            finally:
-                os.close(fd)
-
-    def _undo_copy_up(self, log: list[tuple[Node, int, Ident]]) -> None:
-        """Remove the copies noted in log, newest first: the upper is as it was
-        (parents keep their times), and the view never changed."""
-        for node, layer, was in reversed(log):
-            assert node.parent is not None
-            ufd = self.table.dirfd(node.parent, UPPER)
-            pst = os.fstat(ufd)
-            if node.is_dir:
-                os.rmdir(node.name, dir_fd=ufd)
-            else:
-                os.unlink(node.name, dir_fd=ufd)
-            os.utime(ufd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
-            self.table.uncopied(node, layer, was)
-
-    def _copy_up_tree(self, node: Node) -> None:
-        """Bring a whole merged directory into the upper, so it can be renamed
-        as one upper directory, marked opaque: nothing below shows through, and
-        the whiteouts in it (no longer needed) go. All or nothing: a failure
-        (ENOSPC) takes back every copy made, as a redirect would have needed none."""
-        seen: list[Node] = []
-        log: list[tuple[Node, int, Ident]] = []
-        dirs: list[Node] = []
-        try:
-            todo = [node]
-            while todo:
-                d = todo.pop()
-                self._copy_up(d, log=log)
-                dirs.append(d)
-                view = self._dir(d)
-                for name in self.stack.listing(view):
-                    entry = self.stack.child(view, name)
-                    if entry is None or (entry.layer == UPPER and not entry.lowers):
-                        continue
-                    child = self.table.attach(d, name, entry)
-                    seen.append(child)
-                    if entry.is_dir:
-                        todo.append(child)
-                    else:
-                        self._copy_up(child, log=log)
-        except BaseException:
-            self._undo_copy_up(log)
-            raise
-        finally:
-            for child in seen:
-                self.table.drop_unused(child)
-        for d in dirs:
-            ufd = self.table.dirfd(d, UPPER)
-            for name in self.stack.upper_whiteouts(ufd):
-                os.unlink(name, dir_fd=ufd)
-            set_opaque(ufd)
-            d.lowers = ()
+        return not self.stack.listing(self.table.view(node))
 
     # ---- new entries -----------------------------------------------------------------------
 
@@ -320,7 +237,7 @@ class UnionFS(pyfuse3.Operations):
         work = self._writable()
         if self._resolve(parent, name) is not None:
             raise FUSEError(errno.EEXIST)
-        self._copy_up(parent)
+        self._copyup().node(parent)
         ufd = self.table.dirfd(parent, UPPER)
         uid, gid, setgid = self._owner(parent, ctx)
         try:
@@ -399,7 +316,7 @@ class UnionFS(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: EntryAttributes, fields: SetattrFields,
                       fh: int | None, ctx: RequestContext) -> EntryAttributes:
         node = self._node(inode)
-        self._copy_up(node, data=not (fields.update_size and attr.st_size == 0))
+        self._copyup().node(node, data=not (fields.update_size and attr.st_size == 0))
         handle = self.handles.get(fh) if fh is not None else None
         fd = handle.fd if isinstance(handle, FileHandle) else None
         if fd is None:
@@ -489,8 +406,8 @@ class UnionFS(pyfuse3.Operations):
             raise FUSEError(errno.ENOENT)
         if self._resolve(parent, name) is not None:
             raise FUSEError(errno.EEXIST)
-        self._copy_up(node)
-        self._copy_up(parent)
+        self._copyup().node(node)
+        self._copyup().node(parent)
         src_dir, src = self._where(node)
         self._stat(node)  # still the file looked up
         ufd = self.table.dirfd(parent, UPPER)
@@ -517,7 +434,7 @@ class UnionFS(pyfuse3.Operations):
             raise FUSEError(errno.EISDIR)
         if entry.is_dir and not self._is_empty(node):
             raise FUSEError(errno.ENOTEMPTY)
-        self._copy_up(parent)
+        self._copyup().node(parent)
         ufd = self.table.dirfd(parent, UPPER)
         below = self._in_lowers(parent, name)
         if entry.layer != UPPER:
@@ -570,9 +487,9 @@ class UnionFS(pyfuse3.Operations):
         """Bring what is to be renamed into the upper: a directory with lower
         content whole (as the kernel's redirect_dir=on allows it to move)."""
         if entry.is_dir and entry.lowers:
-            self._copy_up_tree(node)
+            self._copyup().tree(node)
         else:
-            self._copy_up(node)
+            self._copyup().node(node)
 
     def _rename(self, old_parent: Node, old: str, new_parent: Node, new: str, flags: int) -> None:
         self._writable()
@@ -608,8 +525,8 @@ class UnionFS(pyfuse3.Operations):
               dst: tuple[Entry, Node] | None) -> None:
         work = self._writable()
         self._check_move(src, src_node, new_parent)
-        self._copy_up(old_parent)
-        self._copy_up(new_parent)
+        self._copyup().node(old_parent)
+        self._copyup().node(new_parent)
         self._movable(src_node, src)
         sfd, dfd = self.table.dirfd(old_parent, UPPER), self.table.dirfd(new_parent, UPPER)
         try:
@@ -651,8 +568,8 @@ class UnionFS(pyfuse3.Operations):
         for entry in (a_entry, b_entry):
             if entry.is_dir and entry.lowers and not self.opts.redirect_dir:
                 raise FUSEError(errno.EXDEV)  # the kernel's answer for a merged or lower dir
-        self._copy_up(a_parent)
-        self._copy_up(b_parent)
+        self._copyup().node(a_parent)
+        self._copyup().node(b_parent)
         self._movable(a_node, a_entry)
         self._movable(b_node, b_entry)
         afd, bfd = self.table.dirfd(a_parent, UPPER), self.table.dirfd(b_parent, UPPER)
@@ -673,7 +590,7 @@ class UnionFS(pyfuse3.Operations):
         node = self._node(inode)
         copied = False
         if flags & WRITE_FLAGS and not node.in_upper:
-            self._copy_up(node, data=not flags & os.O_TRUNC)
+            self._copyup().node(node, data=not flags & os.O_TRUNC)
             copied = True
         bflags = (flags & ~_NOT_BACKING) | _BACKING
         if node.unlinked:
@@ -758,8 +675,8 @@ class UnionFS(pyfuse3.Operations):
             raise FUSEError(errno.EBADF)
         node = h.node
         if h.names is None or start_id == 0:
-            h.names = [".", "..", *self.stack.listing(self._dir(node))]
-        view = self._dir(node)
+            h.names = [".", "..", *self.stack.listing(self.table.view(node))]
+        view = self.table.view(node)
         for i in range(start_id, len(h.names)):
             name = h.names[i]
             if name in (".", ".."):
@@ -835,7 +752,7 @@ class UnionFS(pyfuse3.Operations):
         if is_private_xattr(sname):
             raise FUSEError(errno.EPERM)
         node = self._node(inode)
-        self._copy_up(node)
+        self._copyup().node(node)
         target, kw = self._xattr_target(node)
         os.setxattr(target, sname, value, **kw)
 
@@ -846,7 +763,7 @@ class UnionFS(pyfuse3.Operations):
         node = self._node(inode)
         target, kw = self._xattr_target(node)
         os.getxattr(target, sname, **kw)  # ENODATA before any copy-up
-        self._copy_up(node)
+        self._copyup().node(node)
         target, kw = self._xattr_target(node)
         os.removexattr(target, sname, **kw)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import xxhash
 
-from .layers import UPPER, Entry, Ident, LayerStack, Lower, ident, open_dir
+from .layers import UPPER, Dir, Entry, Ident, LayerStack, Lower, ident, open_dir
 
 Key = tuple[int, int] | tuple[int, int, int, str]
 
@@ -238,13 +238,10 @@ class InodeTable:
             self._lru[(n, layer)] = None
         return fd
 
-    def set_dirfd(self, node: Node, layer: int, fd: int) -> None:
-        """Adopt an fd this process opened of node's directory in layer."""
-        old = node.fds.pop(layer, None)
-        if old is not None:
-            os.close(old)
-        node.fds[layer] = fd
-        self._lru[(node, layer)] = None
+    def view(self, node: Node, with_upper: bool = True) -> Dir:
+        """The merged directory node as the layer stack reads it."""
+        upper = self.dirfd(node, UPPER) if with_upper and node.in_upper else None
+        return Dir(upper, node.lowers, lambda layer: self.dirfd(node, layer))
 
     def _close_fds(self, node: Node, keep: int | None = None) -> None:
         if node.parent is None:
