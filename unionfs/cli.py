@@ -33,12 +33,6 @@ VERSION = "0.1.0"
 # fuse-overlayfs reports its version this way; podman only checks that it runs.
 VERSION_TEXT = f"{PROG} version {VERSION}\nFUSE library version {pyfuse3.__version__} (pyfuse3)"
 
-# Mount flags the kernel mount itself takes (libfuse passes them on).
-_FUSE_MOUNT_FLAGS = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
-                     "relatime", "norelatime", "strictatime", "nodiratime", "diratime", "sync", "async",
-                     "dirsync", "lazytime", "nolazytime"}
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise StrataError(message)
@@ -47,11 +41,9 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="A copy-on-write union filesystem with the semantics and "
                 "on-disk format of overlayfs, on FUSE; a drop-in for fuse-overlayfs.",
-                epilog="Options: lowerdir=A:B (leftmost on top), upperdir=, workdir= (same filesystem "
-                "as upperdir; without them the mount is read-only), volatile, fsync=0|1, timeout=SECS, "
-                "spin=USECS, squash_to_root, squash_to_uid=, squash_to_gid=, uidmapping=, gidmapping=, "
-                "static_nlink, noxattrs=1, and the generic mount options (ro, nodev, nosuid, noexec, "
-                "noatime, ...). See README.md for the full table.")
+                epilog=f"Options (-o): {options.help_text()}. lowerdir= is leftmost on top; without "
+                "upperdir= and workdir= (on one filesystem) the mount is read-only. README.md's option "
+                "table says what each does.")
     p.add_argument("source_or_mountpoint", nargs="?", help="MOUNTPOINT, or SOURCE when two are given")
     p.add_argument("mountpoint", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("-o", dest="opts", action="append", default=[], metavar="OPTIONS",
@@ -63,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def fuse_options(opts: options.MountOptions) -> set[str]:
-    flags = set(opts.kernel_flags) & _FUSE_MOUNT_FLAGS
+    flags = set(opts.kernel_flags)
     if "nodev" not in flags:
         flags.add("dev")
     if "nosuid" not in flags:
