@@ -13,7 +13,8 @@ SBIN   := /usr/local/sbin
 # the tests drive (peers, docker, podman, registry).
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch attr psmisc e2fsprogs \
 	fuse-overlayfs unionfs-fuse fio \
-	docker.io podman docker-registry skopeo busybox-static iproute2 iputils-ping xfsprogs
+	docker.io podman docker-registry skopeo busybox-static iproute2 iputils-ping xfsprogs \
+	libseccomp2 golang-github-containers-common
 
 .PHONY: all deps venv install test lint demo bench clean
 all: install
