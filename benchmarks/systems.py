@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from unionfs import client
+from unionfs.errors import StrataError
 
 from .dataset import Stack
 
@@ -49,7 +51,7 @@ class System:
 
 
 def _overlay_opts(stack: Stack, upper: Path, work: Path) -> str:
-    return f"lowerdir={':'.join(map(str, stack.lowers))},upperdir={upper},workdir={work}"
+    return client.Union(stack.lowers, upper, work).options()
 
 
 class StrataUnionfs(System):
@@ -57,8 +59,10 @@ class StrataUnionfs(System):
     title = "strata-unionfs"
 
     def program(self) -> str | None:
-        beside = Path(sys.executable).with_name("strata-unionfs")
-        return str(beside) if beside.exists() else shutil.which("strata-unionfs")
+        try:
+            return client.program()
+        except StrataError:
+            return None
 
     def mount_command(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
         return [self.program() or "strata-unionfs", "-o", _overlay_opts(stack, upper, work), str(mnt)]

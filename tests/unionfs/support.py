@@ -15,6 +15,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from unionfs import client
+from unionfs.errors import StrataError
+
 STRATA = str(Path(sys.executable).with_name("strata-unionfs"))
 # Bookkeeping the kernel writes into its upper that says nothing about the tree.
 KERNEL_PRIVATE = ("trusted.overlay.origin", "trusted.overlay.impure", "trusted.overlay.nlink",
@@ -55,12 +58,10 @@ def is_mounted(mnt: Path) -> bool:
 
 
 def unmount(mnt: Path) -> None:
-    """Unmount whatever is at mnt and wait for its daemon to go."""
+    """Unmount whatever is at mnt (unionfs.client's way) and wait for its daemon to go."""
     pids = daemon_pids(mnt)
-    for cmd in (["fusermount3", "-u", str(mnt)], ["umount", str(mnt)], ["umount", "-l", str(mnt)]):
-        if not is_mounted(mnt):
-            break
-        subprocess.run(cmd, capture_output=True)
+    with contextlib.suppress(StrataError):
+        client.unmount(mnt)
     deadline = time.monotonic() + 10
     while pids and time.monotonic() < deadline:
         pids = [p for p in pids if _alive(p)]
@@ -79,10 +80,7 @@ def _alive(pid: int) -> bool:
 
 
 def overlay_opts(lowers: list[Path], upper: Path | None, work: Path | None) -> str:
-    opts = "lowerdir=" + ":".join(str(p) for p in lowers)
-    if upper is not None and work is not None:
-        opts += f",upperdir={upper},workdir={work}"
-    return opts
+    return client.Union(lowers, upper, work).options()
 
 
 @contextlib.contextmanager
@@ -90,15 +88,16 @@ def mounted(kind: str, lowers: list[Path], upper: Path | None, work: Path | None
             extra: str = "") -> Iterator[Path]:
     """Mount kind ('strata', 'kernel' or 'fuse-overlayfs') at mnt for the with-block."""
     mnt.mkdir(parents=True, exist_ok=True)
-    opts = overlay_opts(lowers, upper, work) + (f",{extra}" if extra else "")
-    if kind == "strata":
-        cmd = [STRATA, "-o", opts, str(mnt)]
-    elif kind == "fuse-overlayfs":
-        cmd = ["fuse-overlayfs", "-o", opts, str(mnt)]
+    union = client.Union(lowers, upper, work, [extra] if extra else [])
+    if kind == "fuse-overlayfs":
+        r = subprocess.run(["fuse-overlayfs", "-o", union.options(), str(mnt)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, f"{kind} mount failed: {r.stderr.strip()}"
     else:
-        cmd = ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"{kind} mount failed: {r.stderr.strip()}"
+        try:
+            client.mount(union, mnt, client.STRATA if kind == "strata" else client.KERNEL)
+        except StrataError as e:
+            raise AssertionError(f"{kind} mount failed: {e}") from None
     try:
         yield mnt
     finally:
