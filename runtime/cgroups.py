@@ -1,6 +1,7 @@
 """Control groups for containers, v1 and v2 behind one interface: a group per
 container under `strata/` in each hierarchy, resource limits (memory, cpu, pids),
-the freezer for pause/unpause, and the list of member processes.
+the device allow-list (v1's devices controller, a BPF device program on v2), the
+freezer for pause/unpause, and the list of member processes.
 
 Which version: $STRATA_CGROUP (`v1` or `v2`), else v2 when /sys/fs/cgroup is a
 unified (cgroup2-only) mount, else v1. On a hybrid machine the v2 mount carries
@@ -17,10 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime import devices
 from unionfs.errors import StrataError
 
 PARENT = "strata"
-V1_CONTROLLERS = ("memory", "cpu", "pids", "freezer")
+V1_CONTROLLERS = ("memory", "cpu", "pids", "freezer", "devices")
 CFS_PERIOD = 100_000
 
 
@@ -107,6 +109,10 @@ class Cgroup:
     def create(self, limits: Limits) -> None:
         raise NotImplementedError
 
+    def allow_devices(self, rules: list[devices.Rule]) -> None:
+        """Deny every device but `rules` to the group's members (call before any joins)."""
+        raise NotImplementedError
+
     def add(self, pid: int) -> None:
         for d in self.dirs:
             _write(d / "cgroup.procs", str(pid))
@@ -183,6 +189,12 @@ class CgroupV1(Cgroup):
         if limits.pids is not None:
             _write(self._dir("pids") / "pids.max", str(limits.pids))
 
+    def allow_devices(self, rules: list[devices.Rule]) -> None:
+        d = self._dir("devices")
+        _write(d / "devices.deny", "a")
+        for rule in rules:
+            _write(d / "devices.allow", rule.v1())
+
     def freeze(self) -> None:
         state = self._dir("freezer") / "freezer.state"
         _write(state, "FROZEN")
@@ -250,6 +262,9 @@ class CgroupV2(Cgroup):
             _write(d / "cpu.max", f"{int(limits.cpus * CFS_PERIOD)} {CFS_PERIOD}")
         if limits.pids is not None:
             _write(d / "pids.max", str(limits.pids))
+
+    def allow_devices(self, rules: list[devices.Rule]) -> None:
+        devices.attach_program(str(self.dirs[0]), rules)
 
     def _events(self) -> dict[str, str]:
         try:
