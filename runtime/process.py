@@ -27,7 +27,7 @@ import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from runtime import capabilities
 from unionfs.errors import StrataError
@@ -49,13 +49,18 @@ class StartError(StrataError):
 
 @dataclass
 class ProcessSpec:
-    """What to exec and as whom: argv, KEY=VALUE environment, working dir, `user[:group]`."""
+    """What to exec and as whom: argv, KEY=VALUE environment, working dir, `user[:group]`,
+    and its confinement: capabilities, a seccomp filter (a pyseccomp.SyscallFilter, built
+    by runtime.seccomp; None: unconfined), no_new_privs."""
 
     args: list[str]
     env: list[str]
     cwd: str = "/"
     user: str = ""
     tty: bool = False
+    caps: tuple[str, ...] = capabilities.DEFAULT
+    seccomp: Any = None
+    no_new_privs: bool = False
 
 
 @dataclass
@@ -123,10 +128,15 @@ def _become(spec: ProcessSpec, err_w: int) -> None:
         os.chdir(spec.cwd)
     except OSError as e:
         raise StrataError(f"working directory {spec.cwd}: {e.strerror}") from None
-    capabilities.restrict()
-    os.setgroups(groups)
-    os.setgid(gid)
-    os.setuid(uid)
+    # As runc: without no_new_privs the kernel takes a filter only from a process holding
+    # CAP_SYS_ADMIN, so it goes in before the capabilities go; with it, as late as can be.
+    if spec.seccomp is not None and not spec.no_new_privs:
+        spec.seccomp.load()
+    capabilities.become(spec.caps, uid, gid, groups)
+    if spec.no_new_privs:
+        capabilities.set_no_new_privs()
+        if spec.seccomp is not None:
+            spec.seccomp.load()
     for sig in (*FORWARDED_SIGNALS, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     try:
