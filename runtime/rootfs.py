@@ -1,17 +1,19 @@
 """Turning a mounted image into a container's root, inside the container's new mount
 namespace: volumes and the per-container files bound in, a fresh /proc, a minimal
-/dev, a read-only /sys, then pivot_root so the host's tree is gone.
+/dev (plus the devices given with --device), a read-only /sys, then pivot_root so the
+host's tree is gone, and Docker's masked and read-only paths over /proc and /sys
+(none of which a --privileged container gets).
 
 Every path inside the rootfs is resolved as the container would see it (symlinks
 are followed relative to the rootfs, never out of it): an image is untrusted input."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from dataclasses import dataclass
 
+from runtime.devices import STANDARD, Device
 from runtime.namespaces import pivot_root
 from unionfs.errors import StrataError
 from unionfs.kernel import (
@@ -28,9 +30,14 @@ from unionfs.kernel import (
     umount,
 )
 
-DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 # Mount points the runtime owns: an image may not make them symlinks.
 SYSTEM_DIRS = ("proc", "sys", "dev")
+# Docker's (moby oci/defaults.go): masked -- a file gets /dev/null bound over it, a
+# directory an empty read-only tmpfs -- and read-only.
+MASKED_PATHS = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+                "/sys/firmware", "/sys/devices/virtual/powercap")
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 _MAX_SYMLINKS = 40
 
 
@@ -112,10 +119,22 @@ def _system_dir(root: str, name: str) -> str:
     return path
 
 
+def _make_device(root: str, dev: Device) -> None:
+    """The node itself (as docker makes it: the host's mode and owner), not a bind of the
+    host's, so nothing of the host's /dev is reachable through it."""
+    path = _make_target(root, dev.path, False)
+    if os.path.ismount(path):  # one of the standard nodes, bound from the host's
+        umount(path, MNT_DETACH)
+    os.unlink(path)
+    kind = stat.S_IFCHR if dev.kind == "c" else stat.S_IFBLK
+    os.mknod(path, kind | dev.mode, os.makedev(dev.major, dev.minor))
+    os.chown(path, dev.uid, dev.gid, follow_symlinks=False)
+
+
 def _mount_dev(root: str, console: str | None) -> None:
     dev = _system_dir(root, "dev")
     mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755,size=65536k")
-    for name in DEVICES:
+    for name in STANDARD:
         node = os.path.join(dev, name)
         os.close(os.open(node, os.O_CREAT | os.O_WRONLY, 0o666))
         mount(f"/dev/{name}", node, None, MS_BIND)
@@ -134,9 +153,9 @@ def _mount_dev(root: str, console: str | None) -> None:
         mount(console, node, None, MS_BIND)
 
 
-def _mount_sys(root: str) -> None:
+def _mount_sys(root: str, privileged: bool) -> None:
     sys_dir = _system_dir(root, "sys")
-    flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    flags = (0 if privileged else MS_RDONLY) | MS_NOSUID | MS_NODEV | MS_NOEXEC
     try:
         mount("sysfs", sys_dir, "sysfs", flags)
     except OSError:  # sysfs of a network namespace we do not own (--network host/container:)
@@ -144,7 +163,26 @@ def _mount_sys(root: str) -> None:
         mount(None, sys_dir, None, MS_BIND | MS_REMOUNT | flags)
 
 
-def enter(rootfs: str, binds: list[Bind], console: str | None = None) -> None:
+def _mask(path: str) -> None:
+    try:
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        else:
+            mount("/dev/null", path, None, MS_BIND)
+    except FileNotFoundError:  # not on this kernel
+        pass
+
+
+def _read_only(path: str) -> None:
+    try:
+        mount(path, path, None, MS_BIND | MS_REC)
+    except FileNotFoundError:
+        return
+    mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def enter(rootfs: str, binds: list[Bind], console: str | None = None, devices: tuple[Device, ...] = (),
+          privileged: bool = False) -> None:
     """Build the container's tree on rootfs and make it `/` (call in a new mount and PID
     namespace, as the container's PID 1, before dropping privileges)."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -152,16 +190,17 @@ def enter(rootfs: str, binds: list[Bind], console: str | None = None) -> None:
     proc = _system_dir(rootfs, "proc")
     mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount_dev(rootfs, console)
-    _mount_sys(rootfs)
+    for dev in devices:
+        _make_device(rootfs, dev)
+    _mount_sys(rootfs, privileged)
     for b in binds:
         bind(rootfs, b)
     os.chdir(rootfs)
     pivot_root(".", ".")
     umount(".", MNT_DETACH)
     os.chdir("/")
-    # Kernel knobs a container must not turn, as docker masks them.
-    for path in ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"):
-        with contextlib.suppress(OSError):
-            mount(path, path, None, MS_BIND | MS_REC)
-            mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC)
-
+    if not privileged:
+        for path in MASKED_PATHS:
+            _mask(path)
+        for path in READONLY_PATHS:
+            _read_only(path)
