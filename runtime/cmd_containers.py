@@ -53,7 +53,8 @@ def _options(args: argparse.Namespace) -> RunOptions:
         volumes_from=args.volumes_from, volume_driver=args.volume_driver,
         memory=parse_size(args.memory) if args.memory else None, cpus=args.cpus,
         pids_limit=args.pids_limit, network=args.network, publish=args.publish, dns=args.dns,
-        add_hosts=args.add_host, storage_driver=args.storage_driver,
+        add_hosts=args.add_host, storage_driver=args.storage_driver, privileged=args.privileged,
+        cap_add=args.cap_add, cap_drop=args.cap_drop, devices=args.device, security_opt=args.security_opt,
     )
 
 
@@ -313,6 +314,16 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="add a line to /etc/hosts")
     p.add_argument("--storage-driver", default="strata-unionfs", choices=["strata-unionfs", "overlay"],
                    help="rootfs through strata-unionfs (default) or the kernel's overlayfs")
+    p.add_argument("--privileged", action="store_true",
+                   help="all capabilities and host devices, no seccomp, no masked or read-only paths")
+    p.add_argument("--cap-add", action="append", default=[], metavar="CAP",
+                   help="add a capability to docker's default set (ALL for every one)")
+    p.add_argument("--cap-drop", action="append", default=[], metavar="CAP",
+                   help="drop a capability (ALL for every one)")
+    p.add_argument("--device", action="append", default=[], metavar="/dev/x[:/dev/y][:rwm]",
+                   help="give the container a host device")
+    p.add_argument("--security-opt", action="append", default=[], metavar="OPT",
+                   help="seccomp=unconfined, seccomp=PROFILE.json or no-new-privileges")
     p.add_argument("image")
     p.add_argument("command", nargs=argparse.REMAINDER)
 

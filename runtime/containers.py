@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from runtime import cgroups, mounts, namespaces, network, process, rootfs
+from runtime import capabilities, cgroups, devices, mounts, namespaces, network, process, rootfs, seccomp
 from unionfs.archive import produce_layer
 from unionfs.errors import StrataError
 from unionfs.kernel import MNT_DETACH, is_mountpoint, mount, umount
@@ -50,6 +50,7 @@ NAME_RE = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 STORAGE_DRIVERS = ("strata-unionfs", "overlay")
 INIT_FILES = ("etc/hostname", "etc/hosts", "etc/resolv.conf")
 INIT_DIRS = ("proc", "sys", "dev", "etc")
+SECCOMP_PROFILE = "seccomp.json"
 
 
 def _now() -> str:
@@ -90,6 +91,27 @@ class RunOptions:
     dns: list[str] = field(default_factory=list)
     add_hosts: list[str] = field(default_factory=list)
     storage_driver: str = "strata-unionfs"
+    privileged: bool = False
+    cap_add: list[str] = field(default_factory=list)
+    cap_drop: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    security_opt: list[str] = field(default_factory=list)
+
+
+def _security_opts(items: list[str]) -> tuple[str | None, bool]:
+    """--security-opt as docker takes it: (seccomp=unconfined|FILE or None, no-new-privileges)."""
+    profile: str | None = None
+    nnp = False
+    for item in items:
+        key, _, value = item.partition("=" if "=" in item else ":")  # docker's old form: seccomp:FILE
+        if key == "seccomp" and value:
+            profile = value
+        elif key == "no-new-privileges" and value in ("", "true", "false"):
+            nnp = value != "false"
+        else:
+            raise StrataError(f"invalid --security-opt {item!r}: "
+                              "seccomp=unconfined|FILE or no-new-privileges")
+    return profile, nnp
 
 
 class Container:
@@ -256,6 +278,13 @@ class Runtime:
             raise StrataError("--cpus must be positive")
         if opts.pids_limit is not None and opts.pids_limit <= 0:
             raise StrataError("--pids-limit must be positive")
+        capabilities.tweak(opts.cap_add, opts.cap_drop, opts.privileged)  # unknown names refused here
+        device_list = [devices.parse(d) for d in opts.devices]
+        profile_path, _ = _security_opts(opts.security_opt)
+        profile = None
+        if profile_path is not None and profile_path != "unconfined":
+            profile = seccomp.load(profile_path)
+            seccomp.build(profile, capabilities.DEFAULT)  # a bad profile is refused here
         mount_list = [mounts.parse(v, opts.volume_driver) for v in opts.volumes]
         for ref in opts.volumes_from:
             src_name, _, mode = ref.partition(":")
@@ -316,6 +345,11 @@ class Runtime:
                 "VolumesFrom": opts.volumes_from,
                 "VolumeDriver": opts.volume_driver or "",
                 "Cgroup": cgroups.default_version(),
+                "Privileged": opts.privileged,
+                "CapAdd": opts.cap_add,
+                "CapDrop": opts.cap_drop,
+                "Devices": device_list,
+                "SecurityOpt": opts.security_opt,
             },
             "Mounts": [m.to_json() for m in mount_list],
             "State": {"Status": "created", "Running": False, "Paused": False, "Pid": 0, "ExitCode": 0,
@@ -331,6 +365,8 @@ class Runtime:
             (staging / "init" / d).mkdir(exist_ok=True)
         for f in INIT_FILES:
             (staging / "init" / f).touch()
+        if profile is not None:  # docker too keeps the profile given at create, not the file
+            (staging / SECCOMP_PROFILE).write_text(json.dumps(profile))
         record["GraphDriver"]["Data"] = {
             "LowerDir": ":".join(str(p) for p in [cdir / "init", *image.lowerdirs]),
             "UpperDir": str(cdir / "upper"), "WorkDir": str(cdir / "work"), "MergedDir": str(cdir / "merged"),
@@ -425,12 +461,15 @@ class Runtime:
         cfg = c.rec["Config"]
         stdio_close: list[int] = []
         try:
-            binds = self._prepare(c)
+            devs = self._devices(c)
+            binds = self._prepare(c, devs)
             stdio, stdio_close, outputs, stdin_w = process.make_stdio(
                 cfg["Tty"], attach and cfg["OpenStdin"], keep_stdin_open=not attach and cfg["OpenStdin"])
             spec = process.ProcessSpec(
                 [c.rec["Path"], *c.rec["Args"]], cfg["Env"] + [f"HOSTNAME={cfg['Hostname']}"],
                 cfg["WorkingDir"], cfg["User"], cfg["Tty"])
+            self._confine(c, spec)
+            privileged = bool(hc.get("Privileged"))
             net_mode = hc["NetworkMode"]
             flags = namespaces.CLONE_NEWNS | namespaces.CLONE_NEWPID | namespaces.CLONE_NEWUTS | \
                 namespaces.CLONE_NEWIPC
@@ -461,7 +500,7 @@ class Runtime:
                 if flags & namespaces.CLONE_NEWNET:
                     network.configure_inside(c.id if net_mode == "bridge" else None, ip)
                 socket.sethostname(cfg["Hostname"])
-                rootfs.enter(merged, binds, console)
+                rootfs.enter(merged, binds, console, devs, privileged)
 
             sockets = network.listen([network.Port(h, p) for h, p in hc["PortBindings"]])
             try:
@@ -502,9 +541,32 @@ class Runtime:
         self._finish(c, code)
         return code
 
-    def _prepare(self, c: Container) -> list[rootfs.Bind]:
-        """Everything outside the process: rootfs mount, volumes, cgroup, veth, /etc files.
-        Each step is recorded before it is done, so teardown knows what to undo."""
+    @staticmethod
+    def _devices(c: Container) -> tuple[devices.Device, ...]:
+        """The --device nodes (looked up now: a node's numbers may have changed since
+        create), and with --privileged every device of the host, as docker gives them."""
+        hc = c.rec["HostConfig"]
+        found = [devices.resolve(d["PathOnHost"], d["PathInContainer"], d["CgroupPermissions"])
+                 for d in hc.get("Devices", [])]
+        return tuple(devices.host_devices() + found if hc.get("Privileged") else found)
+
+    @staticmethod
+    def _confine(c: Container, spec: process.ProcessSpec) -> None:
+        """Capabilities, seccomp filter and no_new_privs from the container's HostConfig,
+        for its first process and for every exec."""
+        hc = c.rec["HostConfig"]
+        privileged = bool(hc.get("Privileged"))
+        spec.caps = capabilities.tweak(hc.get("CapAdd", []), hc.get("CapDrop", []), privileged)
+        profile, spec.no_new_privs = _security_opts(hc.get("SecurityOpt", []))
+        if privileged or profile == "unconfined":
+            return
+        spec.seccomp = seccomp.build(seccomp.load(c.dir / SECCOMP_PROFILE) if profile
+                                     else seccomp.default_profile(), spec.caps)
+
+    def _prepare(self, c: Container, devs: tuple[devices.Device, ...]) -> list[rootfs.Bind]:
+        """Everything outside the process: rootfs mount, volumes, cgroup (with its device
+        rules), veth, /etc files. Each step is recorded before it is done, so teardown
+        knows what to undo."""
         hc, cfg = c.rec["HostConfig"], c.rec["Config"]
         data = c.rec["GraphDriver"]["Data"]
         self._mount_rootfs(c.rec["GraphDriver"]["Name"], data)
@@ -519,6 +581,8 @@ class Runtime:
             binds.append(rootfs.Bind(host_path, m.Destination, not m.RW))
         limits = cgroups.Limits(hc["Memory"] or None, hc["NanoCpus"] / 1e9 or None, hc["PidsLimit"] or None)
         c.cgroup().create(limits)
+        if not hc.get("Privileged"):
+            c.cgroup().allow_devices([*devices.DEFAULT_RULES, *(d.rule() for d in devs)])
         ip = ""
         if hc["NetworkMode"] == "bridge":
             ip = network.allocate(self.containers_dir / ".network.lock", self._ips_in_use,
@@ -692,6 +756,7 @@ class Runtime:
             env = [x for x in env if x.split("=", 1)[0] != key] + [e]
         spec = process.ProcessSpec(argv, env, opts.workdir or cfg["WorkingDir"],
                                    opts.user if opts.user is not None else cfg["User"], opts.tty)
+        self._confine(c, spec)
         pid = c.state["Pid"]
         fds = {n: os.open(f"/proc/{pid}/ns/{n}", os.O_RDONLY) for n in namespaces.NAMESPACES}
         if not process.alive(pid, c.state.get("StartTime")):
