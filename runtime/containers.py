@@ -885,8 +885,10 @@ class Runtime:
                 done.append(f"removed veth vs{prefix}")
         if network.remove_unused_bridge():
             done.append(f"removed the unused bridge {network.BRIDGE}")
+        # Only this root's: another state root's containers share the strata/ cgroup parent.
+        ours = {d.name.removeprefix(".rm-").removeprefix(".new-") for d in self.containers_dir.iterdir()}
         for cg in cgroups.leftovers():
-            if cg.name not in live:
+            if cg.name in ours and cg.name not in live:
                 cg.destroy()
                 done.append(f"removed cgroup {cg.version} strata/{cg.name}")
         for d in self.containers_dir.iterdir():
