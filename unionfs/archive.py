@@ -16,14 +16,15 @@ over the same lower layers, gives back the merged tree.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import gzip
 import io
 import os
-import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -31,7 +32,9 @@ from typing import BinaryIO
 import zstandard
 
 from unionfs.digest import DigestingReader, DigestingWriter
+from unionfs.dirwalk import DirStack
 from unionfs.errors import StrataError
+from unionfs.tree import remove_path
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -80,28 +83,36 @@ def _decompressor(stream: BinaryIO, compression: str) -> BinaryIO:
     return stream
 
 
+def _q(name: str) -> str:
+    """A name as messages quote it: a tar can hold names of thousands of characters, and an
+    error is one readable line."""
+    return repr(name if len(name) <= 120 else f"{name[:50]}...{name[-50:]}")
+
+
 def _parts(name: str, what: str) -> tuple[str, ...]:
     """Path components of a tar name relative to the layer root, refusing any escape."""
     if name.startswith("/"):
-        raise StrataError(f"layer refused: absolute path in {what} {name!r}")
+        raise StrataError(f"layer refused: absolute path in {what} {_q(name)}")
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise StrataError(f"layer refused: '..' in {what} {name!r}")
+        raise StrataError(f"layer refused: '..' in {what} {_q(name)}")
     if "\0" in name:
-        raise StrataError(f"layer refused: NUL byte in {what} {name!r}")
+        raise StrataError(f"layer refused: NUL byte in {what} {_q(name)}")
     return parts
 
 
 class _Extractor:
     """Applies tar members one by one under `root`, never following a link it did not vet."""
 
-    def __init__(self, root: Path, allow_devices: bool) -> None:
+    def __init__(self, root: Path, allow_devices: bool, max_size: int | None) -> None:
         self.root = root
         self.allow_devices = allow_devices
+        self.max_size = max_size
         self.whiteouts: set[tuple[str, ...]] = set()
         self.opaque: set[tuple[str, ...]] = set()
         self.dir_times: dict[tuple[str, ...], float] = {}
-        # Paths known to be real directories of this layer: each parent is checked once.
+        # Paths known to be real directories of this layer, each with all its parents: each
+        # parent is checked once.
         self.dirs: set[tuple[str, ...]] = {()}
         self.size = 0
 
@@ -116,28 +127,32 @@ class _Extractor:
 
     def walk_parents(self, parts: tuple[str, ...], name: str, create: bool) -> None:
         """Every parent must be a real directory of this layer (a symlink planted earlier in
-        the tar is not): that is what keeps writes inside the root."""
-        for i in range(1, len(parts)):
-            if parts[:i] in self.dirs:
-                continue
+        the tar is not): that is what keeps writes inside the root. Checked from below the
+        deepest one known (`dirs` holds parents with their children), so a deep tree costs
+        one look per entry, not one per level."""
+        known = len(parts) - 1
+        while known and parts[:known] not in self.dirs:
+            known -= 1
+        for i in range(known + 1, len(parts)):
             st = self._lstat(parts[:i])
+            parent = _q("/".join(parts[:i]))
             if st is None:
                 if not create:
-                    raise StrataError(f"layer refused: {name!r}: {'/'.join(parts[:i])} does not exist")
+                    raise StrataError(f"layer refused: {_q(name)}: {parent} does not exist")
                 os.mkdir(self.path(parts[:i]), 0o755)
                 self.dirs.add(parts[:i])
             elif stat.S_ISDIR(st.st_mode):
                 self.dirs.add(parts[:i])
             else:
                 kind = "symlink" if stat.S_ISLNK(st.st_mode) else "non-directory"
-                raise StrataError(f"layer refused: {name!r} goes through a {kind} {'/'.join(parts[:i])!r}")
+                raise StrataError(f"layer refused: {_q(name)} goes through a {kind} {parent}")
 
     def _remove(self, parts: tuple[str, ...]) -> None:
         st = self._lstat(parts)
         if st is None:
             return
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(self.path(parts))
+            remove_path(self.path(parts))
             # What was recorded for the tree now gone must not be applied to its replacement.
             self.dirs = {d for d in self.dirs if d[: len(parts)] != parts}
             self.opaque = {o for o in self.opaque if o[: len(parts)] != parts}
@@ -149,7 +164,7 @@ class _Extractor:
         parts = _parts(m.name, "entry")
         if not parts:
             if not m.isdir():
-                raise StrataError(f"layer refused: root entry {m.name!r} is not a directory")
+                raise StrataError(f"layer refused: root entry {_q(m.name)} is not a directory")
             self._meta(self.root, m)
             self.dir_times[()] = m.mtime
             return
@@ -186,19 +201,19 @@ class _Extractor:
             os.symlink(m.linkname, target)
         elif m.ischr() or m.isblk():
             if not self.allow_devices:
-                raise StrataError(f"layer refused: device node {m.name!r} not allowed here")
+                raise StrataError(f"layer refused: device node {_q(m.name)} not allowed here")
             kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
             os.mknod(target, kind | 0o600, os.makedev(m.devmajor, m.devminor))
         elif m.isfifo():
             os.mkfifo(target, 0o600)
         else:
-            raise StrataError(f"layer refused: unsupported tar entry type {m.type!r} for {m.name!r}")
+            raise StrataError(f"layer refused: unsupported tar entry type {m.type!r} for {_q(m.name)}")
         self._meta(target, m)
         self._times(target, m.mtime)
 
     def _whiteout(self, hidden: tuple[str, ...], name: str) -> None:
         if not hidden[-1] or hidden[-1] in (".", ".."):
-            raise StrataError(f"layer refused: bad whiteout {name!r}")
+            raise StrataError(f"layer refused: bad whiteout {_q(name)}")
         self.whiteouts.add(hidden)
         st = self._lstat(hidden)
         if st is None:
@@ -208,6 +223,12 @@ class _Extractor:
         # Anything else of this layer keeps its place: a whiteout only hides lower layers.
 
     def _regular(self, tar: tarfile.TarFile, m: tarfile.TarInfo, target: Path) -> None:
+        if self.max_size is not None and self.size + m.size > self.max_size:
+            # Refused before a byte is read: a 10 KiB sparse tar can declare terabytes.
+            raise StrataError(
+                f"layer refused: its files declare more than {self.max_size} bytes "
+                f"(at {_q(m.name)}), the limit for a layer here"
+            )
         src = tar.extractfile(m)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as out:
@@ -227,13 +248,13 @@ class _Extractor:
     def _hardlink(self, parts: tuple[str, ...], m: tarfile.TarInfo) -> None:
         src = _parts(m.linkname, "hard link target")
         if not src:
-            raise StrataError(f"layer refused: hard link {m.name!r} to the layer root")
+            raise StrataError(f"layer refused: hard link {_q(m.name)} to the layer root")
         self.walk_parents(src, m.linkname, create=False)
         st = self._lstat(src)
         if st is None:
-            raise StrataError(f"layer refused: hard link {m.name!r} to {m.linkname!r}, not in this layer")
+            raise StrataError(f"layer refused: hard link {_q(m.name)} to {_q(m.linkname)}, not in this layer")
         if stat.S_ISDIR(st.st_mode) or (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
-            raise StrataError(f"layer refused: hard link {m.name!r} to a directory or whiteout")
+            raise StrataError(f"layer refused: hard link {_q(m.name)} to a directory or whiteout")
         os.link(self.path(src), self.path(parts), follow_symlinks=False)
 
     def _meta(self, target: Path, m: tarfile.TarInfo) -> None:
@@ -243,7 +264,7 @@ class _Extractor:
                 continue
             name = key[len(_XATTR_PAX) :]
             if name.startswith(_PRIVATE_XATTR_PREFIXES):
-                raise StrataError(f"layer refused: overlay-private xattr {name} on {m.name!r}")
+                raise StrataError(f"layer refused: overlay-private xattr {name} on {_q(m.name)}")
             os.setxattr(target, name, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
         if not m.issym():
             os.chmod(target, m.mode & 0o7777)  # after chown, which clears set-id bits
@@ -257,7 +278,7 @@ class _Extractor:
         for parts in self.opaque:
             st = self._lstat(parts)
             if st is None or not stat.S_ISDIR(st.st_mode):
-                raise StrataError(f"layer refused: opaque marker in {'/'.join(parts)!r}, not a directory")
+                raise StrataError(f"layer refused: opaque marker in {_q('/'.join(parts))}, not a directory")
             os.setxattr(self.path(parts), OPAQUE_XATTR, b"y")
         # Children change their parent's mtime: set directories' last, deepest first.
         for parts in sorted(self.dir_times, key=len, reverse=True):
@@ -272,12 +293,14 @@ def apply_layer(
     expected_digest: str | None = None,
     expected_diff_id: str | None = None,
     blob_out: BinaryIO | None = None,
+    max_size: int | None = None,
 ) -> AppliedLayer:
     """Extract a layer tar from `source` into the new directory `dest`, all or nothing.
 
     `expected_digest` is checked against the bytes as given, `expected_diff_id` against the
     uncompressed tar. `blob_out`, when given, receives a compressed copy to keep: the source
-    bytes themselves when already compressed, a gzip of them otherwise."""
+    bytes themselves when already compressed, a gzip of them otherwise. `max_size` bounds
+    what the files may declare in all (apparent sizes), checked before each is extracted."""
     if dest.exists() or dest.is_symlink():
         raise StrataError(f"{dest} already exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -294,25 +317,30 @@ def apply_layer(
         raw = DigestingReader(_Prefixed(head, source), blob_writer if compression else None)  # type: ignore[arg-type]
         buffered = io.BufferedReader(raw, _CHUNK)
         diff = DigestingReader(_decompressor(buffered, compression), gz)  # type: ignore[arg-type]
-        ex = _Extractor(tmp, allow_devices)
+        ex = _Extractor(tmp, allow_devices, max_size)
+        where = ""  # the entry being applied, for messages
         try:
             with tarfile.open(fileobj=diff, mode="r|", errorlevel=2) as tar:  # type: ignore[call-overload]
                 for member in tar:
+                    where = member.name
                     ex.add(tar, member)
+            where = ""
             diff.drain()
             buffered.read()  # bytes after the compressed stream still count for the digest
+            ex.finish()
         except (tarfile.TarError, EOFError, zstandard.ZstdError) as e:
             raise StrataError(f"layer refused: not a valid layer tar: {e}") from None
         except OSError as e:
-            raise StrataError(f"layer refused: {e}") from None
-        ex.finish()
+            at = f"{_q(where)}: " if where else ""
+            raise StrataError(f"layer refused: {at}{e.strerror or e}") from None
         diff_id = diff.verify(expected_diff_id, "layer (diff id)")
         source_digest = raw.verify(expected_digest, "layer blob")
         if gz is not None:
             gz.close()
         os.rename(tmp, dest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):  # what resists is swept with the staging dir
+            remove_path(tmp)
         raise
     return AppliedLayer(
         diff_id=diff_id,
@@ -346,24 +374,44 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
-def _xattrs(path: str) -> dict[str, bytes]:
+def _xattrs(path: str, follow_symlinks: bool = False) -> dict[str, bytes]:
+    """Every xattr of path, its last component not followed unless asked (see _fd_xattrs)."""
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=follow_symlinks)
     except OSError:
         return {}
     out = {}
     for name in names:
         with contextlib.suppress(OSError):
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
+            out[name] = os.getxattr(path, name, follow_symlinks=follow_symlinks)
     return out
 
 
-def is_opaque(path: str, xattrs: dict[str, bytes] | None = None) -> bool:
-    """Every opaque-directory form an upper may carry (kernel, fuse-overlayfs, OCI marker file)."""
-    xa = _xattrs(path) if xattrs is None else xattrs
-    if any(xa.get(name) == b"y" for name in _OPAQUE_XATTRS):
-        return True
-    return os.path.lexists(os.path.join(path, OPAQUE_MARKER))
+def _fd_xattrs(fd: int) -> dict[str, bytes]:
+    """Every xattr of the inode an fd holds, an O_PATH one included (even a symlink's:
+    /proc/self/fd/N leads to that inode and no further)."""
+    return _xattrs(f"/proc/self/fd/{fd}", follow_symlinks=True)
+
+
+def _opaque_xattr(xattrs: dict[str, bytes]) -> bool:
+    """The opaque-directory xattrs an upper may carry (kernel, fuse-overlayfs)."""
+    return any(xattrs.get(name) == b"y" for name in _OPAQUE_XATTRS)
+
+
+def _is_opaque(path: str) -> bool:
+    """Every opaque-directory form of a lower dir (the xattrs, the OCI marker file)."""
+    return _opaque_xattr(_xattrs(path)) or os.path.lexists(os.path.join(path, OPAQUE_MARKER))
+
+
+def _reader(path: str, follow: bool) -> Callable[[], BinaryIO]:
+    """What opens path for reading when called: its last component not followed, unless it
+    is a /proc/self/fd/N, which must be followed to reach the inode N holds."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+
+    def read() -> BinaryIO:
+        return os.fdopen(os.open(path, flags), "rb")
+
+    return read
 
 
 def _marker(name: str, st: os.stat_result) -> tarfile.TarInfo:
@@ -377,16 +425,47 @@ def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
+# What a rename or removal under a walk makes it meet.
+_CHANGED = (errno.ENOENT, errno.ESTALE, errno.ENOTDIR, errno.ELOOP)
+
+
+@dataclass
+class _Frame:
+    """A directory being written: `rel` its name in the tar ("" or ending in "/"); `upper`
+    whether it is the upper's directory the DirStack stands in (else it shows lower content
+    only); `lower_rel` where it shows in the lower stack; `merged` whether it is inside a
+    renamed dir (written with everything it shows); `todo` its names still to write, last
+    first; `in_upper` the upper's names; `lower` the lower entries it shows (when merged)."""
+
+    rel: str
+    upper: bool
+    lower_rel: str
+    merged: bool
+    todo: list[str]
+    in_upper: set[str]
+    lower: dict[str, str]
+
+
 class _Producer:
     """Writes the entries of an upper dir, and, below a directory the kernel renamed
-    (`redirect_dir=on`), the full merged content that directory shows."""
+    (`redirect_dir=on`), the full merged content that directory shows.
 
-    def __init__(self, tar: tarfile.TarFile, lowers: Sequence[Path]) -> None:
+    The upper may be a running container's, as deep as it likes and changing meanwhile, so
+    it is read anchored: a stack of frames instead of recursion, every entry opened with
+    O_PATH|O_NOFOLLOW from its directory's fd (the entry's type, metadata, data, link target
+    and xattrs all come from that one open inode), every directory entered through a
+    DirStack. A concurrent rename can make the walk fail; it can never make it read a file
+    through a symlink or outside the upper. The lower layers are the store's own, immutable,
+    and read by path."""
+
+    def __init__(self, tar: tarfile.TarFile, lowers: Sequence[Path], dirs: DirStack) -> None:
         self.tar = tar
         self.lowers = [str(p) for p in lowers]
         self.seen_inodes: dict[tuple[int, int], str] = {}
+        self.dirs = dirs
+        self.current = ""  # the entry being written, for messages
 
-    def _info(self, rel: str, path: str, st: os.stat_result) -> tarfile.TarInfo:
+    def _info(self, rel: str, st: os.stat_result, xattrs: dict[str, bytes]) -> tarfile.TarInfo:
         info = tarfile.TarInfo(rel)
         info.mode = stat.S_IMODE(st.st_mode)
         info.uid, info.gid = st.st_uid, st.st_gid
@@ -394,13 +473,18 @@ class _Producer:
         info.mtime = int(st.st_mtime)
         info.pax_headers = {
             _XATTR_PAX + name: value.decode("utf-8", "surrogateescape")
-            for name, value in _xattrs(path).items()
+            for name, value in xattrs.items()
             if not name.startswith(_PRIVATE_XATTR_PREFIXES)
         }
         return info
 
-    def _non_dir(self, rel: str, path: str, st: os.stat_result) -> None:
-        info = self._info(rel, path, st)
+    def _non_dir(
+        self, rel: str, st: os.stat_result, xattrs: dict[str, bytes],
+        data: Callable[[], BinaryIO], link: Callable[[], str],
+    ) -> None:
+        """One entry that is not a directory; `data` opens a regular file's content, `link`
+        reads a symlink's target, both from the inode `st` describes."""
+        info = self._info(rel, st, xattrs)
         mode = st.st_mode
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in self.seen_inodes:
@@ -410,11 +494,11 @@ class _Producer:
         self.seen_inodes[key] = rel
         if stat.S_ISREG(mode):
             info.size = st.st_size
-            with open(path, "rb") as f:
+            with data() as f:
                 self.tar.addfile(info, f)
             return
         if stat.S_ISLNK(mode):
-            info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+            info.type, info.linkname = tarfile.SYMTYPE, link()
         elif stat.S_ISFIFO(mode):
             info.type = tarfile.FIFOTYPE
         else:
@@ -422,8 +506,8 @@ class _Producer:
             info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
         self.tar.addfile(info)
 
-    def _dir(self, rel: str, path: str, st: os.stat_result, opaque: bool) -> None:
-        info = self._info(rel + "/", path, st)
+    def _dir(self, rel: str, st: os.stat_result, xattrs: dict[str, bytes], opaque: bool) -> None:
+        info = self._info(rel + "/", st, xattrs)
         info.type = tarfile.DIRTYPE
         self.tar.addfile(info)
         if opaque:
@@ -446,10 +530,10 @@ class _Producer:
                     break
                 if not stat.S_ISDIR(st.st_mode):
                     return out  # a whiteout or a file hides everything below it
-                cut = cut or (i < len(parts) - 1 and is_opaque(path))
+                cut = cut or (i < len(parts) - 1 and _is_opaque(path))
             if path:
                 out.append(path)
-                if is_opaque(path):
+                if _is_opaque(path):
                     return out
             if cut:
                 return out
@@ -471,56 +555,92 @@ class _Producer:
                     found[name] = os.path.join(d, name)
         return {k: v for k, v in found.items() if k not in hidden}
 
-    def walk(self, rel_dir: str, upper_dir: str | None, lower_rel: str, merged: bool) -> None:
-        """Entries of one directory. Not merged: the upper's own entries, markers as OCI
-        whiteouts. Merged (inside a renamed dir, emitted opaque): everything the directory
+    def _frame(self, rel: str, upper: bool, lower_rel: str, merged: bool) -> _Frame:
+        """A directory's frame. Not merged: the upper's own entries, markers as OCI
+        whiteouts. Merged (inside a renamed dir, written opaque): everything the directory
         shows, upper entries over those of the lower dir at lower_rel."""
-        upper = sorted(os.listdir(upper_dir)) if upper_dir else []
+        in_upper = set(os.listdir(self.dirs.fd())) if upper else set()
         lower = self._lower_children(lower_rel) if merged else {}
-        hidden = {n[len(WHITEOUT_PREFIX) :] for n in upper if merged and n.startswith(WHITEOUT_PREFIX)}
-        for name in sorted(set(upper) | set(lower)):
-            if name == OPAQUE_MARKER or name in hidden:
-                continue
-            rel, child_lower = f"{rel_dir}{name}", f"{lower_rel}/{name}"
-            if name not in upper or upper_dir is None:
-                self._whole(rel, lower[name], child_lower)
-                continue
-            path = os.path.join(upper_dir, name)
-            st = os.lstat(path)
-            if _is_whiteout(st) or (merged and name.startswith(WHITEOUT_PREFIX)):
-                if not merged:
-                    self.tar.addfile(_marker(f"{rel_dir}{WHITEOUT_PREFIX}{name}", st))
-                continue
-            if stat.S_ISSOCK(st.st_mode):
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                self._non_dir(rel, path, st)
-                continue
-            xa = _xattrs(path)
-            redirect = next((xa[n] for n in _REDIRECT_XATTRS if n in xa), None)
-            opaque = is_opaque(path, xa)
-            if redirect is not None and not opaque:
-                if not self.lowers:
-                    raise StrataError(f"cannot make a layer of {rel}: a renamed lower dir (give its lowers)")
-                # Absolute: from the root of the stack; relative: a sibling in the lower parent.
-                target = os.fsdecode(redirect)
-                origin = target if target.startswith("/") else f"{lower_rel}/{target}"
-                self._dir(rel, path, st, opaque=True)
-                self.walk(rel + "/", path, origin.strip("/"), merged=True)
-            else:
-                self._dir(rel, path, st, opaque=opaque and not merged)
-                self.walk(rel + "/", path, child_lower.strip("/"), merged=merged and not opaque)
+        hidden = {n[len(WHITEOUT_PREFIX) :] for n in in_upper if merged and n.startswith(WHITEOUT_PREFIX)}
+        todo = sorted((in_upper | set(lower)) - hidden - {OPAQUE_MARKER}, reverse=True)
+        return _Frame(rel, upper, lower_rel, merged, todo, in_upper, lower)
 
-    def _whole(self, rel: str, path: str, lower_rel: str) -> None:
+    def run(self) -> None:
+        """Write everything, depth first, each directory's names sorted."""
+        frames = [self._frame("", True, "", merged=False)]
+        while frames:
+            f = frames[-1]
+            if not f.todo:
+                frames.pop()
+                if f.upper and frames:
+                    self.dirs.pop()
+                continue
+            name = f.todo.pop()
+            rel, child_lower = f"{f.rel}{name}", f"{f.lower_rel}/{name}"
+            self.current = rel
+            if name in f.in_upper:
+                child = self._upper_entry(f, name, rel, child_lower)
+            else:
+                child = self._lower_entry(rel, f.lower[name], child_lower)
+            if child is not None:
+                frames.append(child)
+
+    def _upper_entry(self, f: _Frame, name: str, rel: str, child_lower: str) -> _Frame | None:
+        """Write one entry of the upper's current directory; the frame to enter if it is one."""
+        cur = self.dirs.fd()
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+        try:
+            st = os.fstat(fd)
+            if _is_whiteout(st) or (f.merged and name.startswith(WHITEOUT_PREFIX)):
+                if not f.merged:
+                    self.tar.addfile(_marker(f"{f.rel}{WHITEOUT_PREFIX}{name}", st))
+                return None
+            if stat.S_ISSOCK(st.st_mode):
+                return None
+            if not stat.S_ISDIR(st.st_mode):
+                # Reopened through /proc: the very inode fstat'ed, whatever the name is now.
+                self._non_dir(
+                    rel, st, _fd_xattrs(fd),
+                    _reader(f"/proc/self/fd/{fd}", follow=True),
+                    functools.partial(os.readlink, "", dir_fd=fd),
+                )
+                return None
+        finally:
+            os.close(fd)
+        entered = self.dirs.push(name)
+        if (entered.st_dev, entered.st_ino) != (st.st_dev, st.st_ino):
+            raise OSError(errno.ESTALE, "replaced while being read")
+        xa = _fd_xattrs(self.dirs.fd())
+        redirect = next((xa[n] for n in _REDIRECT_XATTRS if n in xa), None)
+        opaque = _opaque_xattr(xa)
+        if not opaque:
+            with contextlib.suppress(FileNotFoundError):
+                os.lstat(OPAQUE_MARKER, dir_fd=self.dirs.fd())
+                opaque = True
+        if redirect is not None and not opaque:
+            if not self.lowers:
+                raise StrataError(f"cannot make a layer of {_q(rel)}: a renamed lower dir (give its lowers)")
+            # Absolute: from the root of the stack; relative: a sibling in the lower parent.
+            target = os.fsdecode(redirect)
+            origin = target if target.startswith("/") else f"{f.lower_rel}/{target}"
+            self._dir(rel, st, xa, opaque=True)
+            return self._frame(rel + "/", True, origin.strip("/"), merged=True)
+        self._dir(rel, st, xa, opaque=opaque and not f.merged)
+        return self._frame(rel + "/", True, child_lower.strip("/"), merged=f.merged and not opaque)
+
+    def _lower_entry(self, rel: str, path: str, lower_rel: str) -> _Frame | None:
         """A lower entry inside a renamed dir: written out with everything it shows."""
         st = os.lstat(path)
         if stat.S_ISSOCK(st.st_mode):
-            return
+            return None
         if not stat.S_ISDIR(st.st_mode):
-            self._non_dir(rel, path, st)
-            return
-        self._dir(rel, path, st, opaque=False)
-        self.walk(rel + "/", None, lower_rel.strip("/"), merged=True)
+            self._non_dir(
+                rel, st, _xattrs(path),
+                _reader(path, follow=False), functools.partial(os.readlink, path),
+            )
+            return None
+        self._dir(rel, st, _xattrs(path), opaque=False)
+        return self._frame(rel + "/", False, lower_rel.strip("/"), merged=True)
 
 
 def produce_layer(upper: Path, out: BinaryIO, lowers: Sequence[Path] = ()) -> str:
@@ -530,8 +650,24 @@ def produce_layer(upper: Path, out: BinaryIO, lowers: Sequence[Path] = ()) -> st
     inside the upper stay links. A directory the kernel renamed (a redirect xattr) is written
     opaque with its whole merged content, read through `lowers` (top first, as `lowerdir`).
     Entries are sorted and owner names left out, so the same upper always gives the same tar
-    (and DiffID). Sockets are skipped, as docker does."""
+    (and DiffID). Sockets are skipped, as docker does. The upper is read anchored (_Producer):
+    one that changes meanwhile may make this fail, with a one-line StrataError."""
     writer = DigestingWriter(out)
-    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-        _Producer(tar, lowers).walk("", str(upper), "", merged=False)
+    try:
+        top = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StrataError(f"cannot make a layer of {upper}: {e.strerror}") from None
+    producer = None
+    try:
+        with DirStack(top) as dirs, tarfile.open(  # type: ignore[call-overload]
+            fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT
+        ) as tar:
+            producer = _Producer(tar, lowers, dirs)
+            producer.run()
+    except OSError as e:
+        at = f" at {_q(producer.current)}" if producer and producer.current else ""
+        hint = " (changed while being read)" if e.errno in _CHANGED else ""
+        raise StrataError(f"cannot make a layer of {upper}{at}: {e.strerror or e}{hint}") from None
+    finally:
+        os.close(top)
     return writer.digest()
