@@ -25,7 +25,6 @@ import gzip
 import json
 import os
 import platform
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,9 @@ from unionfs import reference
 from unionfs.archive import apply_layer, produce_layer
 from unionfs.digest import DIGEST_RE, chain_id, chain_ids, check_digest, sha256_bytes
 from unionfs.errors import StrataError
-from unionfs.paths import state_root
+from unionfs.parsing import load_json, parse_size
+from unionfs.paths import STATE_ROOT_MODE, private_dir, state_root
+from unionfs.tree import remove_path
 
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -128,6 +129,12 @@ class _Counting:
         return data
 
 
+def _remove_quietly(path: Path) -> None:
+    """Remove a scratch or doomed tree, leaving what resists for the next writer's sweep."""
+    with contextlib.suppress(OSError):
+        remove_path(path)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -138,16 +145,28 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class Store:
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str] | None = None, *, max_layer_size: int | None = None
+    ) -> None:
         self.root = state_root(root)
+        env_limit = os.environ.get("STRATA_MAX_LAYER_SIZE")
+        if max_layer_size is None and env_limit:
+            max_layer_size = parse_size(env_limit, "$STRATA_MAX_LAYER_SIZE")
+        self.max_layer_size = max_layer_size
         self.layers_dir = self.root / "layers" / "sha256"
         self.blobs_dir = self.root / "blobs" / "sha256"
         self.images_dir = self.root / "images" / "sha256"
         self.tmp_dir = self.root / "tmp"
         self.holds_dir = self.root / "holds"
         self.repositories_file = self.root / "repositories.json"
-        for d in (self.layers_dir, self.blobs_dir, self.images_dir, self.tmp_dir, self.holds_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        # Root only (DESIGN, threat model): 0710 on the state root, the way to volume
+        # mountpoints (see volumes.state); everything of the store 0700.
+        private_dir(os.path.realpath(self.root), STATE_ROOT_MODE)
+        for d in (self.layers_dir, self.blobs_dir, self.images_dir):
+            private_dir(d.parent)
+            private_dir(d)
+        for d in (self.tmp_dir, self.holds_dir):
+            private_dir(d)
 
     # --- locking and staging -------------------------------------------------------------
 
@@ -156,10 +175,12 @@ class Store:
         """One writer at a time: adding an image and collecting garbage must not interleave."""
         with open(self.root / "store.lock", "a+") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            # All staging happens under this lock: whatever is in tmp/ now, a crash left behind.
+            # All staging happens under this lock: whatever is in tmp/ now, a crash left behind,
+            # and it goes whatever it holds (deep trees included); what cannot go yet (say a
+            # mount someone made inside) waits for the next writer instead of failing this one.
             for leftover in self.tmp_dir.iterdir():
                 if leftover.name.startswith(("stage-", "deleting-")):
-                    shutil.rmtree(leftover, ignore_errors=True)
+                    _remove_quietly(leftover)
             try:
                 yield
             finally:
@@ -174,7 +195,16 @@ class Store:
         try:
             yield path
         finally:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_quietly(path)
+
+    def layer_size_limit(self) -> int:
+        """What the files of one layer may declare in all: the configured maximum
+        ($STRATA_MAX_LAYER_SIZE), else the free space of the store's filesystem, since a
+        layer declaring more could only fill the disk (or take hours to read)."""
+        if self.max_layer_size is not None:
+            return self.max_layer_size
+        st = os.statvfs(self.tmp_dir)
+        return st.f_bavail * st.f_frsize
 
     # --- blobs ---------------------------------------------------------------------------
 
@@ -243,7 +273,7 @@ class Store:
                 stream: Any = _Counting(raw, progress) if progress else raw
                 applied = apply_layer(
                     stream, stage / "layer" / "diff", expected_digest=source.digest,
-                    expected_diff_id=diff_id, blob_out=blob,
+                    expected_diff_id=diff_id, blob_out=blob, max_size=self.layer_size_limit(),
                 )
             finally:
                 raw.close()
@@ -327,19 +357,25 @@ class Store:
         progress: Progress | None = None,
     ) -> str:
         """Record an image from its config and layer blobs (bottom first), all verified."""
+        config = load_json(config_bytes, "image config")
         try:
-            config = json.loads(config_bytes)
             diff_ids = list(config["rootfs"]["diff_ids"])
-        except (ValueError, KeyError, TypeError):
-            raise StrataError("image config is not valid JSON with rootfs.diff_ids") from None
+        except (KeyError, TypeError):
+            raise StrataError("image config has no rootfs.diff_ids") from None
         if len(diff_ids) != len(layers):
             raise StrataError(f"image config lists {len(diff_ids)} layers, the image has {len(layers)}")
         keys = [str(reference.parse(t)) for t in tags]
         with self.locked():
-            parent: str | None = None
-            for diff_id, source in zip(diff_ids, layers, strict=True):
-                parent = self.add_layer(parent, source, diff_id=diff_id, progress=progress).chain_id
-            return self._record_image(config_bytes, keys)
+            try:
+                parent: str | None = None
+                for diff_id, source in zip(diff_ids, layers, strict=True):
+                    parent = self.add_layer(parent, source, diff_id=diff_id, progress=progress).chain_id
+                return self._record_image(config_bytes, keys)
+            except BaseException:
+                # All or nothing: the layers (and blobs) stored before a later one was refused
+                # belong to no image, and go with it.
+                self._collect_garbage()
+                raise
 
     def _record_image(self, config_bytes: bytes, keys: Sequence[str]) -> str:
         """The image exists once its config blob and record are in place (store locked)."""
@@ -515,7 +551,7 @@ class Store:
                 # Rename first: a crash mid-delete leaves a tmp dir, never a half layer.
                 doomed = self.tmp_dir / f"deleting-{path.name}"
                 os.rename(path, doomed)
-                shutil.rmtree(doomed)
+                _remove_quietly(doomed)
                 freed.append(f"sha256:{path.name}")
         for path in self.blobs_dir.iterdir():
             if path.name not in live_blobs:
