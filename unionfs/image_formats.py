@@ -8,11 +8,14 @@ manifest descriptors, the config's DiffIDs); a mismatch refuses the whole load."
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
 import os
+import posixpath
 import shutil
+import stat
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -21,8 +24,11 @@ from typing import Any, BinaryIO
 
 from unionfs import reference
 from unionfs.digest import check_digest, sha256_bytes, verify_bytes
+from unionfs.dirwalk import O_DIR
 from unionfs.errors import StrataError
+from unionfs.parsing import load_json
 from unionfs.store import OCI_CONFIG, OCI_MANIFEST, Image, Layer, LayerSource, Store, host_architecture
+from unionfs.tree import remove_path
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -52,26 +58,39 @@ def oci_manifest(store: Store, img: Image) -> bytes:
     return json.dumps(manifest, separators=(",", ":")).encode()
 
 
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from outside (depth-checked by load_json), or a one-line error."""
+    doc = load_json(data, what)
+    if not isinstance(doc, dict):
+        raise StrataError(f"{what} is not a JSON object")
+    return doc
+
+
 def pick_platform(index: dict[str, Any]) -> dict[str, Any]:
     """The manifest of an index (or docker manifest list) that runs here."""
     arch = host_architecture()
-    for desc in index.get("manifests", []):
-        plat = desc.get("platform") or {}
+    descs = index.get("manifests")
+    for desc in descs if isinstance(descs, list) else []:
+        plat = (desc.get("platform") or {}) if isinstance(desc, dict) else None
+        if not isinstance(plat, dict):
+            continue
         if plat.get("os", "linux") == "linux" and plat.get("architecture", arch) == arch:
             return dict(desc)
     raise StrataError(f"no linux/{arch} image in the index")
 
 
 def parse_manifest(data: bytes) -> dict[str, Any]:
-    """A schema 2 / OCI image manifest, its config and layer digests checked for form."""
+    """A schema 2 / OCI image manifest, its config and layer descriptors checked for form
+    (a digest and a size each: what a download may be held to)."""
+    manifest = json_object(data, "image manifest")
     try:
-        manifest = json.loads(data)
-        check_digest(manifest["config"]["digest"])
-        for desc in manifest["layers"]:
+        for desc in [manifest["config"], *manifest["layers"]]:
             check_digest(desc["digest"])
-    except (ValueError, KeyError, TypeError):
-        raise StrataError("not an image manifest (schema 2 / OCI)") from None
-    return dict(manifest)
+            if not isinstance(desc["size"], int) or desc["size"] < 0:
+                raise TypeError
+    except (KeyError, TypeError):
+        raise StrataError("not an image manifest (schema 2 / OCI: digests and sizes)") from None
+    return manifest
 
 
 # --- reading archives and layouts ------------------------------------------------------
@@ -84,8 +103,18 @@ def _safe_name(name: str) -> str:
     return name
 
 
+# Links followed inside a tar archive to reach a file (docker save links a layer it
+# already wrote to its first copy: one hop).
+_MAX_LINKS = 8
+# Image indexes inside image indexes (one level is the multi-platform case).
+_MAX_INDEX_DEPTH = 8
+
+
 class _Bundle:
-    """Named files of an archive: a directory or a (possibly compressed) tar."""
+    """Named files of an archive: a directory or a (possibly compressed) tar. Only regular
+    files are read: in a directory every name is walked from the archive's own directory
+    without following a symlink (so a `layer.tar` symlinked out of the archive, or a FIFO,
+    is refused, never opened); in a tar, links lead to other members, a few hops at most."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -103,32 +132,87 @@ class _Bundle:
         if self._tar is not None:
             self._tar.close()
 
+    def _dir_file(self, name: str) -> int | None:
+        """An O_PATH fd of the regular file `name` in the archive directory; None if missing."""
+        parts = [p for p in _safe_name(name).split("/") if p not in ("", ".")]
+        if not parts:
+            raise StrataError(f"{self.path}: {name!r} is not a file")
+        fd = os.open(self.path, O_DIR & ~os.O_NOFOLLOW)  # the directory the user named
+        try:
+            for part in parts[:-1]:
+                fd, above = os.open(part, O_DIR, dir_fd=fd), fd
+                os.close(above)
+            # O_PATH: the type is known before anything is opened for reading (a FIFO would
+            # block, a device would be a device).
+            found = os.open(parts[-1], os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            reason = "a symlink" if e.errno in (errno.ELOOP, errno.ENOTDIR) else e.strerror
+            raise StrataError(f"{self.path}: {name} goes through {reason}; refused") from None
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(os.fstat(found).st_mode):
+            os.close(found)
+            raise StrataError(f"{self.path}: {name} is not a regular file; refused")
+        return found
+
+    def _member(self, name: str) -> tarfile.TarInfo:
+        """The regular member `name` leads to, through at most _MAX_LINKS links."""
+        member = self._members.get(_safe_name(name))
+        for _ in range(_MAX_LINKS + 1):
+            if member is None:
+                raise StrataError(f"{self.path}: missing {name}")
+            if member.isreg():
+                return member
+            if member.issym():
+                where = posixpath.dirname(member.name.removeprefix("./"))
+                target = posixpath.normpath(posixpath.join(where, member.linkname))
+            elif member.islnk():
+                target = member.linkname.removeprefix("./")
+            else:
+                raise StrataError(f"{self.path}: {name} is not a regular file; refused")
+            member = self._members.get(_safe_name(target))
+        raise StrataError(f"{self.path}: {name}: more than {_MAX_LINKS} links to follow; refused")
+
     def exists(self, name: str) -> bool:
-        name = _safe_name(name)
-        if self._tar is None:
-            return (self.path / name).is_file()
-        return name in self._members
+        if self._tar is not None:
+            return _safe_name(name) in self._members
+        fd = self._dir_file(name)
+        if fd is None:
+            return False
+        os.close(fd)
+        return True
 
     def open(self, name: str) -> BinaryIO:
-        name = _safe_name(name)
         if self._tar is None:
+            fd = self._dir_file(name)
+            if fd is None:
+                raise StrataError(f"{self.path}: missing {name}")
             try:
-                return open(self.path / name, "rb")
-            except OSError:
-                raise StrataError(f"{self.path}: missing {name}") from None
-        member = self._members.get(name)
-        f = self._tar.extractfile(member) if member is not None else None
+                # Reopened through /proc: the very inode checked above.
+                return open(f"/proc/self/fd/{fd}", "rb")
+            finally:
+                os.close(fd)
+        f = self._tar.extractfile(self._member(name))
         if f is None:
             raise StrataError(f"{self.path}: missing {name}")
         return f  # type: ignore[return-value]
 
     def size(self, name: str) -> int | None:
-        """For progress only: None when unknown (a missing file fails later, on open)."""
-        if self._tar is None:
-            path = self.path / _safe_name(name)
-            return path.stat().st_size if path.is_file() else None
-        m = self._members.get(_safe_name(name))
-        return m.size if m is not None else None
+        """For progress only: None when unknown (a missing or refused file fails later, on open)."""
+        try:
+            if self._tar is not None:
+                return self._member(name).size
+            fd = self._dir_file(name)
+        except StrataError:
+            return None
+        if fd is None:
+            return None
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def read(self, name: str) -> bytes:
         with self.open(name) as f:
@@ -137,14 +221,6 @@ class _Bundle:
 
 def _blob_name(digest: str) -> str:
     return "blobs/sha256/" + check_digest(digest).split(":", 1)[1]
-
-
-def load_json(data: bytes, what: str) -> Any:
-    """JSON from outside, or a one-line error naming what it should have been."""
-    try:
-        return json.loads(data)
-    except ValueError:
-        raise StrataError(f"{what} is not valid JSON") from None
 
 
 def _load_docker(store: Store, bundle: _Bundle, progress: Progress | None) -> list[tuple[str, list[str]]]:
@@ -168,10 +244,10 @@ def _load_docker(store: Store, bundle: _Bundle, progress: Progress | None) -> li
 
 def _layout_manifests(bundle: _Bundle) -> Iterator[tuple[dict[str, Any], list[str]]]:
     """(manifest, tags) for every image of an OCI layout, nested indexes resolved for this host."""
-    layout = load_json(bundle.read("oci-layout"), "oci-layout")
+    layout = json_object(bundle.read("oci-layout"), "oci-layout")
     if layout.get("imageLayoutVersion") != "1.0.0":
         raise StrataError(f"unsupported OCI layout version {layout.get('imageLayoutVersion')!r}")
-    index = load_json(bundle.read("index.json"), "index.json")
+    index = json_object(bundle.read("index.json"), "index.json")
     for desc in index.get("manifests", []):
         annotations = desc.get("annotations") or {}
         name = annotations.get(CONTAINERD_NAME) or annotations.get(REF_NAME, "")
@@ -179,9 +255,13 @@ def _layout_manifests(bundle: _Bundle) -> Iterator[tuple[dict[str, Any], list[st
         with contextlib.suppress(StrataError):
             if name and (":" in name or "/" in name):
                 tags = [str(reference.parse(name))]
-        while desc.get("mediaType") in INDEX_TYPES:
+        for _ in range(_MAX_INDEX_DEPTH):
+            if desc.get("mediaType") not in INDEX_TYPES:
+                break
             data = verify_bytes(bundle.read(_blob_name(desc["digest"])), desc["digest"], "index")
-            desc = pick_platform(load_json(data, "index"))
+            desc = pick_platform(json_object(data, "index"))
+        else:
+            raise StrataError(f"image indexes nested more than {_MAX_INDEX_DEPTH} deep")
         data = verify_bytes(bundle.read(_blob_name(desc["digest"])), desc["digest"], "manifest")
         yield parse_manifest(data), tags
 
@@ -208,7 +288,7 @@ def load(store: Store, path: Path, progress: Progress | None = None) -> list[tup
         if bundle.exists("index.json") and bundle.exists("oci-layout"):
             return _load_layout(store, bundle, progress)
         raise StrataError(f"{path}: neither a docker save archive (manifest.json) nor an OCI layout")
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):
         raise StrataError(f"{path}: malformed manifest") from None
     finally:
         bundle.close()
@@ -367,5 +447,6 @@ def save_oci_layout(store: Store, refs: Sequence[str], dest: Path) -> None:
                 shutil.copyfile(content, target)
         os.rename(tmp, dest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_path(tmp)
         raise

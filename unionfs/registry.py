@@ -25,7 +25,7 @@ from unionfs.errors import StrataError
 from unionfs.image_formats import (
     INDEX_TYPES,
     MANIFEST_TYPES,
-    load_json,
+    json_object,
     oci_manifest,
     parse_manifest,
     pick_platform,
@@ -38,6 +38,21 @@ _ACCEPT = ", ".join([*MANIFEST_TYPES, *INDEX_TYPES])
 _CHUNK = 1 << 20
 _PARALLEL = 3  # layer downloads at once, as docker does
 _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
+# What a registry may send where nothing declares a size: docker distribution's own limit
+# for manifests, and enough for any error document.
+_MAX_MANIFEST = 4 << 20
+_MAX_ERROR = 64 << 10
+
+
+async def _read_body(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """A response body, refused past `limit` bytes: a registry is outside, it may send
+    anything, and endlessly."""
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        buf += chunk
+        if len(buf) > limit:
+            raise StrataError(f"{what}: the registry sent more than {limit} bytes")
+    return bytes(buf)
 
 
 class _Client:
@@ -50,9 +65,9 @@ class _Client:
         if resp.status == 401:
             return StrataError(f"{what}: {self.ref.registry} wants credentials (strata is anonymous only)")
         try:
-            errors = (await resp.json(content_type=None))["errors"]
+            errors = json_object(await _read_body(resp, _MAX_ERROR, what), what)["errors"]
             detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
-        except (ValueError, KeyError, TypeError, aiohttp.ContentTypeError):
+        except (StrataError, KeyError, TypeError, AttributeError):
             detail = resp.reason or ""
         return StrataError(f"{what}: registry answered {resp.status} {detail}".rstrip())
 
@@ -79,7 +94,7 @@ class _Client:
         headers = {"Accept": _ACCEPT}
         resp = await self.request("GET", f"{self.base}/manifests/{ref}", what, (200,), headers=headers)
         async with resp:
-            body = await resp.read()
+            body = await _read_body(resp, _MAX_MANIFEST, what)
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             announced = resp.headers.get("Docker-Content-Digest")
         digest = sha256_bytes(body)
@@ -87,24 +102,30 @@ class _Client:
         if expected is not None and check_digest(expected) != digest:
             raise StrataError(f"digest mismatch for {what}: expected {expected}, got {digest}")
         if not media_type or media_type in ("application/json", "text/plain"):
-            media_type = load_json(body, what).get("mediaType", "")
+            media_type = str(json_object(body, what).get("mediaType", ""))
         return body, media_type, digest
 
-    async def blob_bytes(self, digest: str) -> bytes:
+    async def blob_bytes(self, digest: str, size: int) -> bytes:
+        """A small blob (a config) of the size its descriptor declares."""
         resp = await self.request("GET", f"{self.base}/blobs/{digest}", f"blob {digest}", (200,))
         async with resp:
-            data = await resp.read()
+            data = await _read_body(resp, size, f"blob {digest}")
         if sha256_bytes(data) != digest:
             raise StrataError(f"digest mismatch for blob {digest}")
         return data
 
-    async def download(self, digest: str, dest: Path, advance: Callable[[int], None]) -> None:
-        """A blob into dest, hashed on the way; a wrong digest deletes it and fails."""
+    async def download(self, digest: str, size: int, dest: Path, advance: Callable[[int], None]) -> None:
+        """A blob into dest, hashed on the way; a wrong digest deletes it and fails, and so
+        does a byte past the size its descriptor declares (the disk is not the registry's)."""
         h = hashlib.sha256()
+        written = 0
         resp = await self.request("GET", f"{self.base}/blobs/{digest}", f"blob {digest}", (200,))
         async with resp:
             with open(dest, "wb") as f:
                 async for chunk in resp.content.iter_chunked(_CHUNK):
+                    written += len(chunk)
+                    if written > size:
+                        raise StrataError(f"blob {digest}: the registry sent more than its {size} bytes")
                     h.update(chunk)
                     f.write(chunk)
                     advance(len(chunk))
@@ -151,14 +172,15 @@ async def _pull(store: Store, ref: reference.Reference, insecure: bool, progress
         client = _Client(session, ref, insecure)
         body, media_type, _ = await client.manifest(ref.digest or ref.tag or reference.DEFAULT_TAG)
         if media_type in INDEX_TYPES:
-            chosen = pick_platform(load_json(body, "image index"))
+            chosen = pick_platform(json_object(body, "image index"))
             body, media_type, _ = await client.manifest(check_digest(chosen["digest"]))
         if media_type not in MANIFEST_TYPES:
             raise StrataError(f"unsupported manifest type {media_type!r} (schema 2 and OCI only)")
         manifest = parse_manifest(body)
-        config = await client.blob_bytes(check_digest(manifest["config"]["digest"]))
+        cdesc = manifest["config"]
+        config = await client.blob_bytes(check_digest(cdesc["digest"]), cdesc["size"])
         try:
-            diff_ids = list(load_json(config, "image config")["rootfs"]["diff_ids"])
+            diff_ids = list(json_object(config, "image config")["rootfs"]["diff_ids"])
         except (KeyError, TypeError):
             raise StrataError("image config has no rootfs.diff_ids") from None
         if len(diff_ids) != len(manifest["layers"]):
@@ -167,7 +189,10 @@ async def _pull(store: Store, ref: reference.Reference, insecure: bool, progress
             (d, chain) for d, chain in zip(manifest["layers"], chain_ids(diff_ids), strict=True)
             if not store.has_layer(chain)
         ]
-        total, done = sum(int(d.get("size", 0)) for d, _ in wanted), 0
+        total, done = sum(d["size"] for d, _ in wanted), 0
+        room = store.layer_size_limit()
+        if total > room:
+            raise StrataError(f"the image's layers declare {total} bytes to download, over the {room} here")
 
         def advance(n: int) -> None:
             nonlocal done
@@ -177,11 +202,12 @@ async def _pull(store: Store, ref: reference.Reference, insecure: bool, progress
 
         with store.staging(prefix="download-") as tmp:
             paths = {check_digest(d["digest"]): tmp / d["digest"].split(":", 1)[1] for d, _ in wanted}
+            sizes = {d["digest"]: d["size"] for d, _ in wanted}
             slots = asyncio.Semaphore(_PARALLEL)
 
             async def fetch(digest: str) -> None:
                 async with slots:
-                    await client.download(digest, paths[digest], advance)
+                    await client.download(digest, sizes[digest], paths[digest], advance)
 
             try:
                 async with asyncio.TaskGroup() as group:  # one failure cancels the others
