@@ -28,6 +28,7 @@ from typing import Any
 
 import xxhash
 
+from unionfs.dirwalk import O_DIR, walk
 from unionfs.store import Store
 
 _CHUNK = 1 << 20
@@ -48,13 +49,18 @@ class DedupResult:
 
 
 def _files(store: Store) -> Iterator[tuple[str, os.stat_result]]:
+    """Every regular file of every layer, with its path: layers never change once stored,
+    but a layer may be deeper than Python's stack, so the walk does not recurse."""
     for layer_dir in sorted(store.layers_dir.iterdir()):
-        for dirpath, _dirs, names in os.walk(layer_dir / "diff"):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                st = os.lstat(path)
-                if stat.S_ISREG(st.st_mode):
-                    yield path, st
+        diff = str(layer_dir / "diff")
+        top = os.open(diff, O_DIR)
+        try:
+            with contextlib.closing(walk(top)) as entries:
+                for where, entry in entries:
+                    if entry.is_file(follow_symlinks=False):
+                        yield os.path.join(diff, *where.names, entry.name), entry.stat(follow_symlinks=False)
+        finally:
+            os.close(top)
 
 
 def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
