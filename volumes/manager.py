@@ -19,7 +19,7 @@ from typing import Any
 
 from unionfs import kernel
 from unionfs.errors import StrataError
-from unionfs.paths import state_root
+from unionfs.paths import STATE_ROOT_MODE, private_dir, state_root
 
 from .config import VolumeConfig
 from .drivers import DEFAULT_TYPE, Driver, DriverContext, driver_for, refuse_unknown
@@ -58,13 +58,15 @@ class VolumeManager:
     def __init__(self, root: Path, config: VolumeConfig | None = None) -> None:
         self.store = VolumeStore(root)
         self.config = config or VolumeConfig()
-        self.ctx = DriverContext(self.config, self._layers_of)
+        self.ctx = DriverContext(self.config, self._layers_of, root)
         self.boot = current_boot()
 
     @classmethod
     def open(cls, root: str | None = None, config: str | None = None) -> VolumeManager:
         """The manager of `<state root>/volumes` with the configured settings."""
-        return cls(state_root(root) / "volumes", VolumeConfig.load(config))
+        top = state_root(root)
+        private_dir(os.path.realpath(top), STATE_ROOT_MODE)
+        return cls(top / "volumes", VolumeConfig.load(config))
 
     # -- reading -------------------------------------------------------------------------
 
@@ -230,7 +232,7 @@ class VolumeManager:
         died, release mounts nobody references, delete half-done creates/removes. Returns
         what it did, one line each."""
         with self.store.lock_all(exclusive=True):
-            report = [f"removed leftover {n}" for n in self.store.sweep()]
+            report = self.store.sweep()
             for name in self.store.names():
                 rec = self.store.load(name)
                 if rec is None:

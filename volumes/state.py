@@ -13,6 +13,8 @@ fsync of the directory, so a kill -9 or a power cut at any moment leaves the
 old record or the new one, never a torn one. A volume appears by renaming a
 fully built ``.new-`` directory to its name and disappears by renaming it to
 ``.trash-`` first, so nothing half-made is ever visible under a volume name.
+The volume root and every ``NAME/`` are 0710 (``unionfs.paths.STATE_ROOT_MODE``): no
+host user but root reaches a volume's files.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from typing import Any
 
 from unionfs import kernel
 from unionfs.errors import StrataError
+from unionfs.paths import STATE_ROOT_MODE, private_dir
+from unionfs.tree import remove_path
 
 from .names import check_name
 
@@ -120,15 +123,21 @@ def _flock(path: Path, exclusive: bool) -> Iterator[None]:
         os.close(fd)
 
 
-def remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> bool:
     """rm -rf that first detaches anything still mounted inside, so it never deletes
-    through a mount into a tmpfs, a FUSE upper or a host directory."""
+    through a mount into a tmpfs, a FUSE upper or a host directory; however deep the tree
+    (a container can make it 5,000 levels deep), nothing followed. False, leaving the rest
+    for the next sweep, when something cannot go (a mount that would not detach)."""
     prefix = str(path.resolve())
     inside = [t for _, t, _, _ in kernel.mounts() if t == prefix or t.startswith(prefix + "/")]
     for target in sorted(inside, key=len, reverse=True):
         with contextlib.suppress(OSError):
             kernel.umount(target, kernel.MNT_DETACH)
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        remove_path(path)
+    except OSError:
+        return False
+    return True
 
 
 class VolumeStore:
@@ -136,10 +145,8 @@ class VolumeStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        try:
-            root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as e:
-            raise StrataError(f"cannot use volume state directory {root}: {e.strerror}") from None
+        # On the way to every volume's mountpoint: traversable by the group only (unionfs.paths).
+        private_dir(root, STATE_ROOT_MODE)
 
     def volume_dir(self, name: str) -> Path:
         return self.root / check_name(name)
@@ -181,7 +188,7 @@ class VolumeStore:
         final = self.volume_dir(rec.name)
         tmp = Path(tempfile.mkdtemp(prefix=".new-", dir=self.root))
         try:
-            os.chmod(tmp, 0o711)
+            os.chmod(tmp, STATE_ROOT_MODE)
             yield tmp
             write_atomic(tmp / RECORD, self._encode(rec))
             _fsync_dir(tmp)
@@ -192,15 +199,17 @@ class VolumeStore:
         _fsync_dir(self.root)
 
     def discard(self, name: str) -> None:
-        """Make name vanish at once, then delete its files. Call under lock_all(True)."""
+        """Make name vanish at once, then delete its files (what cannot go yet stays in a
+        `.trash-` directory for the next sweep). Call under lock_all(True)."""
         trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=self.root))
         os.rename(self.volume_dir(name), trash / name)
         _fsync_dir(self.root)
         remove_tree(trash)
 
     def sweep(self) -> list[str]:
-        """Delete what creates and removes cut short by a crash left behind. Call under lock_all(True)."""
+        """Delete what creates and removes cut short by a crash left behind, whatever they
+        hold; one line per leftover. Call under lock_all(True)."""
         leftovers = [e.name for e in os.scandir(self.root) if e.name.startswith((".new-", ".trash-"))]
-        for name in leftovers:
-            remove_tree(self.root / name)
-        return leftovers
+        done = {name: remove_tree(self.root / name) for name in leftovers}
+        return [f"removed leftover {n}" if gone else f"could not remove leftover {n} yet"
+                for n, gone in done.items()]

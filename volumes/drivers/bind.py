@@ -3,6 +3,7 @@ administrator listed in the volume config (`bind_roots`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,8 @@ from typing import Any
 from unionfs.errors import StrataError
 
 from ..state import VolumeRecord
-from ..usage import tree_size
-from .base import Driver, DriverContext
+from ..usage import UNKNOWN, tree_size
+from .base import Driver, DriverContext, open_layer
 
 
 def _check_device(device: str, ctx: DriverContext) -> Path:
@@ -61,4 +62,13 @@ class BindDriver(Driver):
         return [_recheck(rec, ctx)]
 
     def status(self, rec: VolumeRecord, vdir: Path) -> dict[str, Any]:
-        return {"Device": rec.options["device"], "Size": tree_size(Path(rec.options["device"]))}
+        """Size is counted only through the recorded device itself: a symlink swapped in for
+        it (or for a directory above it) would lead the walk elsewhere, so then it is -1."""
+        out: dict[str, Any] = {"Device": rec.options["device"], "Size": UNKNOWN}
+        with contextlib.suppress(StrataError):
+            fd = open_layer(Path(rec.options["device"]))
+            try:
+                out["Size"] = tree_size(fd)
+            finally:
+                os.close(fd)
+        return out
