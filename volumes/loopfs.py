@@ -1,6 +1,13 @@
 """A filesystem image mounted through a loop device: how a `local` volume gets a
 hard size limit on a host filesystem without project quotas. The image is a
-sparse file holding ext4 (with its journal, so a crash never tears it)."""
+sparse file holding ext4 (with its journal, so a crash never tears it).
+
+Only what ext4 really uses is ever written: mkfs leaves the inode tables and the
+journal unwritten (lazy_itable_init, lazy_journal_init) and discards nothing, and
+every mount passes noinit_itable so the kernel never zeroes the inode tables in
+the background either (ext4 knows which inodes were never used). A 1 TiB image
+costs 16 MiB of disk at Create, not the 1 GiB journal plus, over the hours the
+volume stays mounted, 16 GiB of zeroed inode tables."""
 
 from __future__ import annotations
 
@@ -36,7 +43,8 @@ def make_image(image: Path, size: int, root: Path, uid: int, gid: int, mode: int
     copies image content only into an empty volume)."""
     with open(image, "wb") as f:
         f.truncate(size)
-    _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", f"root_owner={uid}:{gid}", str(image)],
+    extended = f"root_owner={uid}:{gid},lazy_itable_init=1,lazy_journal_init=1,nodiscard"
+    _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", extended, str(image)],
          f"cannot make a filesystem in {image}")
     mount_image(image, root)
     try:
@@ -47,5 +55,5 @@ def make_image(image: Path, size: int, root: Path, uid: int, gid: int, mode: int
 
 
 def mount_image(image: Path, mountpoint: Path) -> None:
-    _run(["mount", "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(mountpoint)],
+    _run(["mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noinit_itable", str(image), str(mountpoint)],
          f"cannot mount {image}")

@@ -8,10 +8,9 @@ import re
 from collections.abc import Mapping
 
 from unionfs.errors import StrataError
+from unionfs.parsing import parse_size
 
 MAX_VALUE = 4096
-_SIZE_RE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def check_options(opts: object) -> dict[str, str]:
@@ -30,12 +29,19 @@ def check_options(opts: object) -> dict[str, str]:
     return clean
 
 
-def parse_size(value: str) -> int:
-    """'64m', '1G', '1048576', '512KiB' -> bytes (binary units, as tmpfs and docker read them)."""
-    m = _SIZE_RE.fullmatch(value.strip())
-    if not m or int(m.group(1)) == 0:
-        raise StrataError(f"invalid size {value!r}: expected a positive number with an optional k/m/g/t unit")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+def check_size(value: str, room: int, where: str, maximum: int | None) -> int:
+    """A volume's `size=` in bytes (the project's one size grammar, unionfs.parsing): more
+    than zero, at most the administrator's `max_size`, and at most `room`, what the
+    volume's filesystem (named by `where`) can hold, so a size limit can never promise space that is not
+    there (a sparse image larger than the disk fails its writes only when the disk is full)."""
+    size = parse_size(value)
+    if size == 0:
+        raise StrataError(f"invalid size {value!r}: a volume needs more than 0 bytes")
+    if maximum is not None and size > maximum:
+        raise StrataError(f"size {value} is over the administrator's maximum ({maximum} bytes, max_size)")
+    if size > room:
+        raise StrataError(f"size {value} is more than {where} ({room} bytes)")
+    return size
 
 
 def parse_id(key: str, value: str) -> int:

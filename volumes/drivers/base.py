@@ -32,6 +32,8 @@ class DriverContext:
     config: VolumeConfig
     # The content of another volume as overlay lower layers, top first (for clones).
     layers_of: Callable[[str], list[Path]]
+    # The volume root: the filesystem a local volume's data (or image) lives on.
+    root: Path
 
 
 class Driver(ABC):

@@ -5,6 +5,7 @@ Unmount, so the kernel enforces the limit; its data stays in the image."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from unionfs import kernel
 from unionfs.errors import StrataError
 
 from .. import loopfs
-from ..options import owner_and_mode, parse_size
+from ..options import check_size, owner_and_mode
 from ..state import VolumeRecord
 from ..usage import UNKNOWN, tree_size
 from .base import DATA, Driver, DriverContext, set_owner_and_mode, unmount_quietly
@@ -27,7 +28,10 @@ class LocalDriver(Driver):
     def validate(self, name: str, opts: dict[str, str], ctx: DriverContext) -> dict[str, str]:
         owner_and_mode(opts, 0o755)
         if "size" in opts:
-            size = parse_size(opts["size"])
+            fs = os.statvfs(ctx.root)
+            room = fs.f_bavail * fs.f_frsize
+            size = check_size(opts["size"], room, "the free space on the volume root's filesystem",
+                              ctx.config.max_size)
             if size < loopfs.MIN_SIZE:
                 raise StrataError(f"size {opts['size']} is too small for a local volume (minimum 8m)")
             loopfs.check_tools()

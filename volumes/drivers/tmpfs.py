@@ -11,7 +11,7 @@ from typing import Any
 from unionfs import kernel
 from unionfs.errors import StrataError
 
-from ..options import owner_and_mode, parse_size
+from ..options import check_size, owner_and_mode
 from ..state import VolumeRecord
 from .base import DATA, Driver, DriverContext, not_mounted_error, unmount_quietly
 
@@ -23,7 +23,10 @@ class TmpfsDriver(Driver):
     def validate(self, name: str, opts: dict[str, str], ctx: DriverContext) -> dict[str, str]:
         owner_and_mode(opts, 0o755)
         if "size" in opts:
-            opts = {**opts, "size": str(parse_size(opts["size"]))}
+            # A tmpfs lives in memory: no size above the machine's can be kept.
+            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            size = check_size(opts["size"], ram, "the machine's memory", ctx.config.max_size)
+            opts = {**opts, "size": str(size)}
         return opts
 
     def build(self, rec: VolumeRecord, staging: Path, ctx: DriverContext) -> None:
