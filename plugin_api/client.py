@@ -7,7 +7,6 @@ VolumeDriver plugin, strata's or a third party's.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -16,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from unionfs.errors import StrataError
+from unionfs.parsing import load_json
 
 from . import protocol as p
 
@@ -44,8 +44,8 @@ def discover(
             return _check_address(spec.read_text().strip(), spec)
         if js.is_file():
             try:
-                addr = json.loads(js.read_text())["Addr"]
-            except (ValueError, KeyError, TypeError) as e:
+                addr = load_json(js.read_bytes(), str(js))["Addr"]
+            except (StrataError, KeyError, TypeError) as e:
                 raise PluginError(f"unreadable plugin spec {js}: {e}") from None
             return _check_address(str(addr), js)
     raise PluginError(f"plugin {name} not found (no {name}.sock, .spec or .json in the plugin directories)")
@@ -104,9 +104,9 @@ class PluginClient:
         """One protocol call; raises PluginError carrying the plugin's Err."""
         status, raw = await self.call_raw(endpoint, b"" if body is None else p.encode(body))
         try:
-            out = json.loads(raw) if raw.strip() else {}
-        except ValueError:
-            raise PluginError(f"{endpoint}: HTTP {status}, not JSON: {raw[:200]!r}") from None
+            out = load_json(raw, f"{endpoint}: HTTP {status}") if raw.strip() else {}
+        except StrataError as e:
+            raise PluginError(f"{e}: {raw[:200]!r}") from None
         if not isinstance(out, dict):
             raise PluginError(f"{endpoint}: plugin answered {type(out).__name__}, not an object")
         if out.get("Err"):

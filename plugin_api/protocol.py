@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from unionfs.errors import StrataError
+from unionfs.parsing import load_json
 from volumes import Volume
 
 # Where Docker looks for plugins, and the name strata's own plugin goes by.
@@ -50,10 +51,7 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise ProtocolError(f"request body too large ({len(raw)} bytes, limit {MAX_BODY})")
     if not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"malformed JSON request body: {e}") from None
+    body = load_json(raw, "request body")  # nesting bounded: a one-line Err, never a RecursionError
     if body is None:
         return {}
     if not isinstance(body, dict):
