@@ -91,11 +91,23 @@ def _serve(ops: UnionFS, mountpoint: str, ready: Callable[[], None] = lambda: No
     try:
         pyfuse3.main_sync(ops.opts.spin_us)
     finally:
+        # First let go of every layer: the kernel does not wait for a FUSE daemon at
+        # unmount, and whoever unmounts a layer's own filesystem right after ours
+        # (as unionmount-testsuite does) must not find it busy.
+        ops.close()
         pyfuse3.close(unmount=True)
 
 
 def _mount(ops_opts: options.MountOptions, mountpoint: str, debug: bool) -> UnionFS:
     ops = UnionFS(ops_opts)
+    # Layers handed over as inherited descriptors (/proc/self/fd/N, as clone volumes
+    # pass them) are open now in their own right: the inherited fds would only keep
+    # the callers' filesystems busy.
+    for path in (*ops_opts.lowerdirs, ops_opts.upperdir, ops_opts.workdir):
+        fd = path.removeprefix("/proc/self/fd/") if path else ""
+        if fd.isdigit() and int(fd) > 2:
+            with contextlib.suppress(OSError):
+                os.close(int(fd))
     fopts = fuse_options(ops_opts)
     if debug:
         fopts.add("debug")

@@ -49,6 +49,10 @@ class WorkDir:
         os.mkdir(self.NAME, 0o000, dir_fd=self.parent)
         self.fd = os.open(self.NAME, O_DIR, dir_fd=self.parent)
 
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self.parent)
+
     def temp(self) -> str:
         """A fresh name in the work directory."""
         return f"#strata-{os.getpid()}-{next(self._seq)}"

@@ -106,6 +106,17 @@ class UnionFS(pyfuse3.Operations):
         self._next_fh = 1
         self.timeout = opts.timeout
 
+    def close(self) -> None:
+        """Close every fd this mount holds in its layers (the session is over)."""
+        for h in self.handles.values():
+            if isinstance(h, FileHandle):
+                os.close(h.fd)
+        self.handles.clear()
+        self.table.close()
+        if self.work is not None:
+            self.work.close()
+        self.stack.close()
+
     # ---- helpers -------------------------------------------------------------------------
 
     def _node(self, ino: int) -> Node:

@@ -250,6 +250,14 @@ class InodeTable:
             os.close(node.fds.pop(layer))
             self._lru.pop((node, layer), None)
 
+    def close(self) -> None:
+        """Close every cached directory fd (the layer roots are the stack's)."""
+        while self._lru:
+            (node, layer), _ = self._lru.popitem()
+            fd = node.fds.pop(layer, None)
+            if fd is not None:
+                os.close(fd)
+
     def trim(self) -> None:
         """Close the least recently used directory fds beyond the bound (between requests)."""
         while len(self._lru) > self._lru_bound:

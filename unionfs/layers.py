@@ -114,6 +114,12 @@ class LayerStack:
         ]
         self._index: dict[tuple[int, Ident], DirIndex] = {}
 
+    def close(self) -> None:
+        for i, fd in enumerate(self.root_fds):
+            if fd is not None:
+                os.close(fd)
+                self.root_fds[i] = None
+
     @property
     def has_upper(self) -> bool:
         return self.root_fds[UPPER] is not None
