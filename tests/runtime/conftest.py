@@ -103,6 +103,64 @@ def _leftovers(root: Path, netns: str, ids: set[str]) -> list[str]:
     return found
 
 
+KEYCTL_PROBE_C = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {  /* KEYCTL_GET_KEYRING_ID of the session keyring, created if missing */
+    if (syscall(SYS_keyctl, 0, -3, 1) < 0) { printf("keyctl: %s\n", strerror(errno)); return 1; }
+    return 0;
+}
+"""
+PROBE_IMAGE = "probe:test"
+
+
+@pytest.fixture(scope="session")
+def probe_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A busybox rootfs tar with /probe/keyctl, a static program making one keyctl(2) call
+    (busybox has no keyctl); `cp /probe/keyctl /tmp/k; chmod +x /tmp/k; /tmp/k` runs it."""
+    base = tmp_path_factory.mktemp("probe")
+    (base / "keyctl.c").write_text(KEYCTL_PROBE_C)
+    subprocess.run([_need("gcc"), "-static", "-O2", "-o", str(base / "keyctl"), str(base / "keyctl.c")],
+                   check=True, capture_output=True)
+    return busybox_rootfs_tar(base / "probe.tar", files=[("probe/keyctl", (base / "keyctl").read_bytes())])
+
+
+@pytest.fixture(scope="session")
+def probe_image(state_root: Path, netns: str, probe_tar: Path) -> str:
+    Strata(state_root, netns)("import", str(probe_tar), PROBE_IMAGE)
+    return PROBE_IMAGE
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A loop device over a small file of the test's; `marker` is written at its start."""
+
+    path: str
+    major: int
+    minor: int
+    marker: str
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Loop]:
+    """A host block device for the device-rule tests, detached whatever the test did."""
+    backing = tmp_path / "disk.img"
+    marker = "STRATA-DISK-" + secrets.token_hex(6).upper()
+    with open(backing, "wb") as f:
+        f.write(marker.encode().ljust(512, b"\0"))
+        f.truncate(4 * 1024 * 1024)
+    dev = subprocess.run([_need("losetup"), "-f", "--show", str(backing)], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    try:
+        st = os.stat(dev)
+        yield Loop(dev, os.major(st.st_rdev), os.minor(st.st_rdev), marker)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
 @pytest.fixture
 def strata(state_root: Path, netns: str) -> Iterator[Strata]:
     s = Strata(state_root, netns)
