@@ -6,5 +6,6 @@ it builds on `rootfs` (the container's tree and pivot_root), `namespaces` (unsha
 setns, pivot_root by ctypes), `process` (starting processes in namespaces, logs,
 attaching), `cgroups` (v1 and v2 behind one interface), `network` (pyroute2 bridge,
 veths, published ports), `mounts` (volumes from the volume manager, plugins or host
-paths) and `capabilities`. The `cmd_*` modules are the thin CLI over them and the
-image store."""
+paths), and the confinement: `capabilities`, `devices` (the device allow-list, a BPF
+device program on cgroup v2) and `seccomp` (docker's default profile via libseccomp).
+The `cmd_*` modules are the thin CLI over them and the image store."""
