@@ -152,9 +152,11 @@ class _Bundle:
             raise StrataError(f"{self.path}: {name} goes through {reason}; refused") from None
         finally:
             os.close(fd)
-        if not stat.S_ISREG(os.fstat(found).st_mode):
+        mode = os.fstat(found).st_mode
+        if not stat.S_ISREG(mode):
             os.close(found)
-            raise StrataError(f"{self.path}: {name} is not a regular file; refused")
+            kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+            raise StrataError(f"{self.path}: {name} is {kind}; refused")
         return found
 
     def _member(self, name: str) -> tarfile.TarInfo:

@@ -8,13 +8,16 @@ import hashlib
 import io
 import os
 import stat
+import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from unionfs import kernel
 from unionfs.store import Store
+from unionfs.tree import remove_path
 
 
 class TarBuilder:
@@ -120,3 +123,71 @@ def image_view(store: Store, image_id: str, mnt: Path) -> dict[str, tuple[Any, .
     """What an image shows, through a read-only kernel overlayfs of its layers."""
     with overlay(mnt, store.image(image_id).lowerdirs) as m:
         return snapshot(m)
+
+
+# --- hostile trees and host users --------------------------------------------------------
+
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run argv as a host user with no rights of its own (nobody, no groups). Through a
+    shell's exec: setpriv still holds root's capabilities at its own execve, so a path
+    given straight to it is resolved with root's rights."""
+    return subprocess.run([*NOBODY, "sh", "-c", 'exec "$@"', "sh", *argv],
+                          capture_output=True, text=True, timeout=60)
+
+
+@contextlib.contextmanager
+def reachable_dir() -> Iterator[Path]:
+    """A directory every host user can traverse (pytest's own tmp_path is 0700: a test
+    that host users cannot reach a state root there would prove nothing)."""
+    top = Path(tempfile.mkdtemp(prefix="strata-reachable-", dir="/tmp"))
+    os.chmod(top, 0o755)
+    try:
+        yield top
+    finally:
+        for target in sorted((t for _, t, _, _ in kernel.mounts() if t.startswith(f"{top}/")), reverse=True):
+            kernel.umount(target, kernel.MNT_DETACH)
+        remove_path(top)
+
+
+def make_deep(top: Path, depth: int, leaf: bytes | None = None) -> None:
+    """A chain of `depth` directories `d/d/...` below top, made through fds (its paths may
+    outgrow PATH_MAX, as a container's can), with a file `f` at the bottom if leaf is given."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            fd, above = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(above)
+        if leaf is not None:
+            out = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+            os.write(out, leaf)
+            os.close(out)
+    finally:
+        os.close(fd)
+
+
+def depth_of(top: Path) -> int:
+    """How many `d` directories are chained below top."""
+    depth, fd = 0, os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while True:
+            try:
+                fd, above = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd), fd
+            except FileNotFoundError:
+                return depth
+            os.close(above)
+            depth += 1
+    finally:
+        os.close(fd)
+
+
+def deep_tar(depth: int, *tail: tuple[str, bytes]) -> bytes:
+    """A tar of one file `depth` directories down (its parents implied), then the tail
+    entries (name, content)."""
+    b = TarBuilder().file("/".join(["d"] * depth) + "/f", b"deep")
+    for name, data in tail:
+        b.file(name, data)
+    return b.bytes()
