@@ -31,6 +31,7 @@ from unionfs.digest import sha256_bytes
 from unionfs.errors import StrataError
 from unionfs.parsing import MAX_JSON_DEPTH
 from unionfs.store import LayerSource, Store
+from unionfs.tree import remove_path
 
 DEEP_JSON = b"[" * 30_000 + b"]" * 30_000
 
@@ -52,6 +53,15 @@ def _empty(store: Store) -> bool:
 
 def _one_line(err: str) -> bool:
     return err.startswith("strata: ") and err.count("\n") == 1 and "Traceback" not in err and len(err) < 400
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Iterator[Path]:
+    """pytest deletes old tmp dirs with the recursive shutil.rmtree: the deep trees made
+    here go at the end of each test."""
+    yield tmp_path
+    for entry in tmp_path.iterdir():
+        remove_path(entry)
 
 
 # --- host users ------------------------------------------------------------------------
