@@ -164,3 +164,19 @@ def test_get_of_a_bind_volume_never_walks_a_symlink_swapped_in(
     bind_volume.unlink()
     (env.bind_root / "moved").rename(bind_volume)
     assert manager.get("site").status["Size"] == 9
+
+
+@pytest.mark.parametrize("text, size", [
+    ("64m", 64 << 20), ("1G", 1 << 30), ("512KiB", 512 << 10), ("1048576", 1 << 20), ("2 m", 2 << 20),
+    ("1.5g", 3 << 29), ("0.5k", 512), ("1t", 1 << 40), ("8191p", 8191 << 50), ("10b", 10), ("0", 0),
+])
+def test_the_one_size_grammar(text: str, size: int) -> None:
+    """docker's (units.RAMInBytes): what `--memory` and `-o size=` both take."""
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "1.5.5g", "1x", "", "8192p", "9" * 5000])
+def test_the_one_size_grammar_refuses_in_one_line(text: str) -> None:
+    with pytest.raises(StrataError) as refused:
+        parse_size(text)
+    assert len(str(refused.value)) < 120
