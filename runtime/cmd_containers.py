@@ -9,7 +9,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import signal
 import sys
 from typing import Any
@@ -18,17 +17,7 @@ from runtime.containers import Container, RunOptions, Runtime
 from runtime.output import print_json, print_table
 from runtime.process import StartError, read_log
 from unionfs.errors import StrataError
-
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([bkmg]?)b?$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """docker's memory sizes: 64m, 1g, 512k, plain bytes."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise StrataError(f"invalid size {text!r}: expected a number with an optional b, k, m or g")
-    mult = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
+from unionfs.parsing import parse_size
 
 
 def parse_signal(text: str) -> int:
@@ -51,7 +40,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         user=args.user, hostname=args.hostname, entrypoint=args.entrypoint, tty=args.tty,
         interactive=args.interactive, auto_remove=args.rm, volumes=args.volume,
         volumes_from=args.volumes_from, volume_driver=args.volume_driver,
-        memory=parse_size(args.memory) if args.memory else None, cpus=args.cpus,
+        memory=parse_size(args.memory, "memory") if args.memory else None, cpus=args.cpus,
         pids_limit=args.pids_limit, network=args.network, publish=args.publish, dns=args.dns,
         add_hosts=args.add_host, storage_driver=args.storage_driver, privileged=args.privileged,
         cap_add=args.cap_add, cap_drop=args.cap_drop, devices=args.device, security_opt=args.security_opt,
@@ -255,7 +244,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
         keys = {e.split("=", 1)[0] for e in changes["Env"]}
         kept = [e for e in c.rec["Config"]["Env"] if e.split("=", 1)[0] not in keys]
         changes["Env"] = kept + changes["Env"]
-    print(rt.commit(c, args.reference, args.message, args.author, changes))
+    print(rt.commit(c, args.reference, args.message, args.author, changes, pause=args.pause == "true"))
     return 0
 
 
@@ -384,6 +373,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-a", "--author", default="")
     p.add_argument("-c", "--change", action="append", default=[],
                    help="CMD, ENTRYPOINT, ENV, WORKDIR or USER")
+    p.add_argument("-p", "--pause", default="true", choices=["true", "false"],
+                   help="freeze a running container while its layer is read (default true, as docker)")
     p.add_argument("container")
     p.add_argument("reference", nargs="?")
     p = add("export", "write a container's filesystem as a tar", cmd_export)

@@ -40,11 +40,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from runtime import capabilities, cgroups, devices, mounts, namespaces, network, process, rootfs, seccomp
+from unionfs import dirwalk
 from unionfs.archive import produce_layer
 from unionfs.errors import StrataError
 from unionfs.kernel import MNT_DETACH, is_mountpoint, mount, umount
-from unionfs.paths import state_root
+from unionfs.paths import private_dir, state_root
 from unionfs.store import Store
+from unionfs.tree import remove_path
 
 NAME_RE = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 STORAGE_DRIVERS = ("strata-unionfs", "overlay")
@@ -207,8 +209,8 @@ class Runtime:
         self.root = state_root(root).absolute()
         self.root_arg = str(self.root)
         self.containers_dir = self.root / "containers"
-        self.containers_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.root_arg)
+        private_dir(self.containers_dir)
 
     # --- records ---------------------------------------------------------------------
 
@@ -384,7 +386,7 @@ class Runtime:
                 self.store.hold(cid, image_id)
                 os.rename(staging, cdir)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_path(staging)
             raise
         return Container(self, record)
 
@@ -673,8 +675,8 @@ class Runtime:
     def _delete(self, c: Container) -> None:
         doomed = self.containers_dir / f".rm-{c.id}"
         os.rename(c.dir, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
         self.store.release(c.id)
+        remove_path(doomed)  # a leftover (a failure here) is swept by prune
 
     # --- verbs on running containers ---------------------------------------------------
 
@@ -786,30 +788,49 @@ class Runtime:
     # --- the container's layer ---------------------------------------------------------
 
     def diff(self, c: Container) -> list[tuple[str, str]]:
-        """docker diff: (A|C|D, path) from the container's upper dir."""
+        """docker diff: (A|C|D, path) from the container's upper dir, read anchored and
+        without recursion (dirwalk), however deep the container made it."""
         upper = Path(c.rec["GraphDriver"]["Data"]["UpperDir"])
         lowers = [Path(p) for p in c.rec["GraphDriver"]["Data"]["LowerDir"].split(":")[1:]]
         out: list[tuple[str, str]] = []
-
-        def in_lower(rel: str) -> bool:
-            return any(os.path.lexists(lw / rel) for lw in lowers)
-
-        for dirpath, dirnames, filenames in os.walk(upper):
-            dirnames.sort()
-            for name in sorted(dirnames + filenames):
-                p = Path(dirpath, name)
-                rel = str(p.relative_to(upper))
-                st = os.lstat(p)
+        top = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for dirs, entry in dirwalk.walk(top):
+                rel = "/".join([*dirs.names, entry.name])
+                st = entry.stat(follow_symlinks=False)
                 if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                     out.append(("D", "/" + rel))
-                elif in_lower(rel):
-                    out.append(("C", "/" + rel))
                 else:
-                    out.append(("A", "/" + rel))
+                    out.append(("C" if any(_exists_in(lw, rel) for lw in lowers) else "A", "/" + rel))
+        except OSError as e:
+            raise StrataError(f"cannot read the changes of {c.name}: {e.strerror or e}") from None
+        finally:
+            os.close(top)
         return sorted(out, key=lambda x: x[1])
 
     def commit(self, c: Container, tag: str | None, message: str, author: str,
-               changes: dict[str, Any] | None = None) -> str:
+               changes: dict[str, Any] | None = None, pause: bool = True) -> str:
+        """A new image from the container's changes. A running container is frozen
+        meanwhile (docker's default; pause=False reads its upper while it runs, which
+        may fail with a one-line error if it changes underneath)."""
+        with self._frozen(c, pause):
+            return self._commit(c, tag, message, author, changes)
+
+    @contextlib.contextmanager
+    def _frozen(self, c: Container, pause: bool) -> Iterator[None]:
+        """Freeze a running container for the with-block (thawed after, also on failure)."""
+        if not pause or c.status() != "running":
+            yield
+            return
+        cg = c.cgroup()
+        cg.freeze()
+        try:
+            yield
+        finally:
+            cg.thaw()
+
+    def _commit(self, c: Container, tag: str | None, message: str, author: str,
+                changes: dict[str, Any] | None) -> str:
         cfg = c.rec["Config"]
         container_config = {"Env": cfg["Env"], "Cmd": cfg["Cmd"], "Entrypoint": cfg["Entrypoint"] or None,
                             "WorkingDir": "" if cfg["WorkingDir"] == "/" else cfg["WorkingDir"],
@@ -893,9 +914,30 @@ class Runtime:
                 done.append(f"removed cgroup {cg.version} strata/{cg.name}")
         for d in self.containers_dir.iterdir():
             if d.name.startswith((".new-", ".rm-")):
-                shutil.rmtree(d, ignore_errors=True)
-                done.append(f"removed leftover {d.name}")
+                try:
+                    remove_path(d)
+                    done.append(f"removed leftover {d.name}")
+                except OSError as e:
+                    done.append(f"could not remove leftover {d.name}: {e.strerror or e}")
         return done
+
+
+def _exists_in(layer: Path, rel: str) -> bool:
+    """Whether an image layer (root's, never changed) holds rel; past PATH_MAX one
+    name at a time from the layer's fd."""
+    if len(rel) < 3000:
+        return os.path.lexists(layer / rel)
+    fd = os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in rel.split("/"):
+            nxt = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def list_mounts(under: Path) -> list[tuple[str, str, str, str]]:
