@@ -56,7 +56,7 @@ install: .stamp-venv
 	@ln -sf $(VENV)/bin/strata $(SBIN)/strata
 
 lint: install
-	$(VENV)/bin/ruff check unionfs volumes runtime plugin_api tests benchmarks
+	$(VENV)/bin/ruff check common unionfs images volumes runtime plugin_api tests benchmarks
 	$(VENV)/bin/mypy
 
 test: lint

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 
 from . import report, runner
 from .config import FULL, QUICK

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from unionfs import kernel
+from common import kernel
 
 from . import daemon
 from .dataset import Stack

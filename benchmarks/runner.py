@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from unionfs import kernel
-from unionfs.errors import StrataError
+from common import kernel
+from common.errors import StrataError
 
 from . import daemon, dataset, mounts, workloads
 from .config import Config

@@ -10,8 +10,8 @@ import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from common.errors import StrataError
 from unionfs import client
-from unionfs.errors import StrataError
 
 from .dataset import Stack
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 
-from unionfs.errors import StrataError
-from unionfs.parsing import load_json
+from common.errors import StrataError
+from common.parsing import load_json
 
 from . import protocol as p
 

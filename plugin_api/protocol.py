@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unionfs.errors import StrataError
-from unionfs.parsing import load_json
+from common.errors import StrataError
+from common.parsing import load_json
 from volumes import Volume
 
 # Where Docker looks for plugins, and the name strata's own plugin goes by.

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 from volumes import VolumeManager
 from volumes.state import write_atomic
 

@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 
 BUSYBOX = "/bin/busybox"
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import ctypes
 import os
 
-from unionfs.errors import StrataError
-from unionfs.kernel import libc as _libc
+from common.errors import StrataError
+from common.kernel import libc as _libc
 
 CAPS = {
     "CHOWN": 0, "DAC_OVERRIDE": 1, "DAC_READ_SEARCH": 2, "FOWNER": 3, "FSETID": 4, "KILL": 5,

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import StrataError
 from runtime import devices
-from unionfs.errors import StrataError
 
 PARENT = "strata"
 V1_CONTROLLERS = ("memory", "cpu", "pids", "freezer", "devices")

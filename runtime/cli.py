@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 
 # Each module registers its verbs; add a group by adding its module here.
 COMMAND_MODULES: list[str] = ["runtime.cmd_volumes", "runtime.cmd_images", "runtime.cmd_containers"]

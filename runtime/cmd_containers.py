@@ -13,11 +13,11 @@ import signal
 import sys
 from typing import Any
 
+from common.errors import StrataError
+from common.parsing import parse_size
 from runtime.containers import Container, RunOptions, Runtime
 from runtime.output import print_json, print_table
 from runtime.process import StartError, read_log
-from unionfs.errors import StrataError
-from unionfs.parsing import parse_size
 
 
 def parse_signal(text: str) -> int:

@@ -1,6 +1,6 @@
 """Image commands: `strata image VERB` and docker's top-level shortcuts (`images`, `rmi`,
 `tag`, `history`, `load`, `save`, `pull`, `push`, `import`), plus `strata system df|dedup`.
-Thin: parsing and presentation here, the work in unionfs.store and its neighbours."""
+Thin: parsing and presentation here, the work in images.store and its neighbours."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.errors import StrataError
+from images import dedup, formats
+from images.store import Image, Store
 from runtime.output import Progress, human_size, print_json, print_table
-from unionfs import dedup, image_formats
-from unionfs.errors import StrataError
-from unionfs.store import Image, Store
 
 
 def _os_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -208,7 +208,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 def _load(store: Store, path: Path) -> int:
     # Layer bytes are most of an archive: its size is a fair total for the bar.
     with _progress(f"loading {path.name}", path.stat().st_size if path.is_file() else None) as bar:
-        loaded = image_formats.load(store, path, progress=bar.advance)
+        loaded = formats.load(store, path, progress=bar.advance)
     for image_id, tags in loaded:
         for t in tags:
             print(f"Loaded image: {t}")
@@ -225,11 +225,11 @@ def cmd_save(args: argparse.Namespace) -> int:
     if args.format == "oci-dir":
         if out is None:
             raise StrataError("save --format oci-dir needs -o DIR")
-        image_formats.save_oci_layout(store, args.images, out)
+        formats.save_oci_layout(store, args.images, out)
     elif out is None:
-        image_formats.save_archive(store, args.images, sys.stdout.buffer, oci=args.format == "oci")
+        formats.save_archive(store, args.images, sys.stdout.buffer, oci=args.format == "oci")
     else:
-        image_formats.save_archive_file(store, args.images, out, oci=args.format == "oci")
+        formats.save_archive_file(store, args.images, out, oci=args.format == "oci")
     return 0
 
 
@@ -244,7 +244,7 @@ def _transfer_progress(label: str) -> tuple[Progress, Callable[[int, int], None]
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from unionfs import registry  # aiohttp: imported only by the commands that talk HTTP
+    from images import registry  # aiohttp: imported only by the commands that talk HTTP
 
     bar, report = _transfer_progress(f"pulling {args.reference}")
     with bar:
@@ -254,7 +254,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from unionfs import registry  # aiohttp: imported only by the commands that talk HTTP
+    from images import registry  # aiohttp: imported only by the commands that talk HTTP
 
     bar, report = _transfer_progress(f"pushing {args.reference}")
     with bar:

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.errors import StrataError
 from plugin_api.protocol import DEFAULT_NAME, SOCKET_DIR, SPEC_DIR
-from unionfs.errors import StrataError
 from volumes import Volume, VolumeManager
 
 from .output import human_size, print_json, print_table

@@ -39,14 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from common import dirwalk
+from common.errors import StrataError
+from common.kernel import MNT_DETACH, is_mountpoint, mount, umount
+from common.paths import private_dir, state_root
+from common.tree import remove_path
+from images.archive import produce_layer
+from images.store import Store
 from runtime import capabilities, cgroups, devices, mounts, namespaces, network, process, rootfs, seccomp
-from unionfs import dirwalk
-from unionfs.archive import produce_layer
-from unionfs.errors import StrataError
-from unionfs.kernel import MNT_DETACH, is_mountpoint, mount, umount
-from unionfs.paths import private_dir, state_root
-from unionfs.store import Store
-from unionfs.tree import remove_path
 
 NAME_RE = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 STORAGE_DRIVERS = ("strata-unionfs", "overlay")
@@ -941,7 +941,7 @@ def _exists_in(layer: Path, rel: str) -> bool:
 
 
 def list_mounts(under: Path) -> list[tuple[str, str, str, str]]:
-    from unionfs.kernel import mounts as kernel_mounts
+    from common.kernel import mounts as kernel_mounts
 
     prefix = str(under) + "/"
     return [m for m in kernel_mounts() if m[1].startswith(prefix)]

@@ -19,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common.kernel import mounts
 from runtime.busybox import build_rootfs
-from unionfs.kernel import mounts
 
 STRATA = str(Path(sys.executable).with_name("strata"))
 

@@ -16,8 +16,8 @@ import stat
 import struct
 from dataclasses import dataclass
 
-from unionfs.errors import StrataError
-from unionfs.kernel import libc as _libc
+from common.errors import StrataError
+from common.kernel import libc as _libc
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 from volumes import NoSuchVolume, VolumeManager
 from volumes.names import check_name
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from unionfs.kernel import libc as _libc
+from common.kernel import libc as _libc
 
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]

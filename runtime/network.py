@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from common.errors import StrataError
 from runtime import capabilities
-from unionfs.errors import StrataError
 
 EXIT_CANNOT_EXEC = 126
 EXIT_NOT_FOUND = 127

@@ -13,10 +13,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from runtime.devices import STANDARD, Device
-from runtime.namespaces import pivot_root
-from unionfs.errors import StrataError
-from unionfs.kernel import (
+from common.errors import StrataError
+from common.kernel import (
     MNT_DETACH,
     MS_BIND,
     MS_NODEV,
@@ -29,6 +27,8 @@ from unionfs.kernel import (
     mount,
     umount,
 )
+from runtime.devices import STANDARD, Device
+from runtime.namespaces import pivot_root
 
 # Mount points the runtime owns: an image may not make them symlinks.
 SYSTEM_DIRS = ("proc", "sys", "dev")

@@ -24,7 +24,7 @@ from typing import Any
 
 import pyseccomp
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 
 DEFAULT_PROFILE = "/usr/share/containers/seccomp.json"
 _SYS_ADMIN_CALLS = ["unshare", "setns", "mount", "umount", "umount2", "pivot_root", "fsopen", "fsconfig",

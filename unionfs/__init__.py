@@ -1,14 +1,9 @@
-"""strata's storage driver, the lowest package of the stack.
+"""strata's union filesystem: `strata-unionfs`, a FUSE copy-on-write union
+with the semantics and on-disk format of the kernel's overlayfs (a drop-in for
+fuse-overlayfs), and `client`, the one way every other package mounts it.
 
-Offers `strata-unionfs` (a FUSE copy-on-write union filesystem with kernel
-overlayfs semantics and on-disk format, a drop-in for fuse-overlayfs), the
-layer store (content-addressed image layers, layer tars in and out,
-deduplication) and the kernel-interface helpers the packages above share.
-Imports nothing of volumes/, plugin_api/ or runtime/.
-
-The layer store's modules: `store` (layers by ChainID, images, tags, holds,
-garbage collection; `Store(root).image(ref).lowerdirs` is what a mount needs),
-`archive` (apply / produce OCI layer tars in the overlay format), `dedup`,
-`image_formats` (docker save archives, OCI layouts), `registry` (v2 pull/push),
-`reference` (image names) and `digest` (verified sha256, ChainIDs).
+Modules: `cli` (the mount program), `options` (the -o table), `fs` (the FUSE
+operations), `layers` (anchored lookup through the stack), `inodes` (numbers
+and nodes), `copyup` (the copy-up collaborator), `whiteout` (the one owner of
+the whiteout and opaque formats), `client`. Imports only `common`.
 """

@@ -24,8 +24,10 @@ from types import FrameType
 
 import pyfuse3
 
-from . import kernel, options
-from .errors import StrataError
+from common import kernel
+from common.errors import StrataError
+
+from . import options
 from .fs import UnionFS
 
 PROG = "strata-unionfs"

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import kernel
-from .errors import StrataError
+from common import kernel
+from common.errors import StrataError
 
 PROG = "strata-unionfs"
 # The kinds of union this client mounts.

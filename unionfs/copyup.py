@@ -28,9 +28,10 @@ import os
 import stat
 from collections.abc import Callable
 
+from common.tree import remove_tree
+
 from .inodes import InodeTable, Node
 from .layers import O_DIR, UPPER, Ident, at, ident
-from .tree import remove_tree
 from .whiteout import is_private_xattr, set_opaque
 
 FICLONE = 0x40049409

@@ -30,9 +30,10 @@ from typing import Any
 import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields, StatvfsData
 
+from common.kernel import RENAME_EXCHANGE, RENAME_WHITEOUT, fallocate, renameat2
+
 from .copyup import CopyUp, WorkDir
 from .inodes import InodeTable, Node, stale
-from .kernel import RENAME_EXCHANGE, RENAME_WHITEOUT, fallocate, renameat2
 from .layers import UPPER, Entry, LayerStack, at, ident, open_dir
 from .options import MountOptions
 from .whiteout import is_private_xattr, is_whiteout, make_whiteout, set_opaque

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import StrataError
+from common.errors import StrataError
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from unionfs.errors import StrataError
-from unionfs.parsing import load_json, parse_size
+from common.errors import StrataError
+from common.parsing import load_json, parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/strata/volumes.json"
 

@@ -16,8 +16,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from unionfs import kernel
-from unionfs.errors import StrataError
+from common import kernel
+from common.errors import StrataError
 
 MIN_SIZE = 8 << 20  # below this ext4's own metadata leaves too little room
 

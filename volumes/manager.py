@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unionfs import kernel
-from unionfs.errors import StrataError
-from unionfs.paths import STATE_ROOT_MODE, private_dir, state_root
+from common import kernel
+from common.errors import StrataError
+from common.paths import STATE_ROOT_MODE, private_dir, state_root
 
 from .config import VolumeConfig
 from .drivers import DEFAULT_TYPE, Driver, DriverContext, driver_for, refuse_unknown

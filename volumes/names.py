@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 
 # Docker's rule for volume names; the leading alphanumeric also rules out ".", ".." and our
 # own dot-prefixed bookkeeping entries in the volume root.

@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from unionfs.errors import StrataError
-from unionfs.parsing import parse_size
+from common.errors import StrataError
+from common.parsing import parse_size
 
 MAX_VALUE = 4096
 
@@ -30,7 +30,7 @@ def check_options(opts: object) -> dict[str, str]:
 
 
 def check_size(value: str, room: int, where: str, maximum: int | None) -> int:
-    """A volume's `size=` in bytes (the project's one size grammar, unionfs.parsing): more
+    """A volume's `size=` in bytes (the project's one size grammar, common.parsing): more
     than zero, at most the administrator's `max_size`, and at most `room`, what the
     volume's filesystem (named by `where`) can hold, so a size limit can never promise space that is not
     there (a sparse image larger than the disk fails its writes only when the disk is full)."""

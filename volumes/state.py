@@ -13,7 +13,7 @@ fsync of the directory, so a kill -9 or a power cut at any moment leaves the
 old record or the new one, never a torn one. A volume appears by renaming a
 fully built ``.new-`` directory to its name and disappears by renaming it to
 ``.trash-`` first, so nothing half-made is ever visible under a volume name.
-The volume root and every ``NAME/`` are 0710 (``unionfs.paths.STATE_ROOT_MODE``): no
+The volume root and every ``NAME/`` are 0710 (``common.paths.STATE_ROOT_MODE``): no
 host user but root reaches a volume's files.
 """
 
@@ -30,10 +30,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from unionfs import kernel
-from unionfs.errors import StrataError
-from unionfs.paths import STATE_ROOT_MODE, private_dir
-from unionfs.tree import remove_path
+from common import kernel
+from common.errors import StrataError
+from common.paths import STATE_ROOT_MODE, private_dir
+from common.tree import remove_path
 
 from .names import check_name
 
@@ -145,7 +145,7 @@ class VolumeStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        # On the way to every volume's mountpoint: traversable by the group only (unionfs.paths).
+        # On the way to every volume's mountpoint: traversable by the group only (common.paths).
         private_dir(root, STATE_ROOT_MODE)
 
     def volume_dir(self, name: str) -> Path:

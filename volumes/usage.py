@@ -1,7 +1,7 @@
 """How much a volume holds: a walk that never leaves the tree or its filesystem, never
 follows a symlink (not even one swapped in for the top directory itself), and counts
 hard-linked files once. A container can make the tree as deep as it likes: the walk is
-anchored to fds and does not recurse (`unionfs.dirwalk`).
+anchored to fds and does not recurse (`common.dirwalk`).
 
 Docker calls Get (and so this) several times per `docker run`, so the walk has
 a budget: past it the size is reported as -1, Docker's "not computed"."""
@@ -12,7 +12,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from unionfs.dirwalk import O_DIR, walk
+from common.dirwalk import O_DIR, walk
 
 MAX_ENTRIES = 100_000
 UNKNOWN = -1

@@ -14,7 +14,7 @@ import pytest
 from benchmarks import report, runner
 from benchmarks.config import Config
 from benchmarks.systems import BY_KEY
-from unionfs import kernel
+from common import kernel
 
 TINY = Config(
     name="tiny",

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from common.kernel import mounts
 from runtime import cgroups
 from tests.support.dockerd import busybox_rootfs_tar
-from unionfs.kernel import mounts
 
 STRATA = str(Path(sys.executable).with_name("strata"))
 IMAGE = "busybox:test"

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from images.digest import sha256_bytes
+from images.store import LayerSource, Store
 from runtime.cli import main
 from tests.store.helpers import TarBuilder
-from unionfs.digest import sha256_bytes
-from unionfs.store import LayerSource, Store
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from unionfs import kernel
-from unionfs.store import Store
-from unionfs.tree import remove_path
+from common import kernel
+from common.tree import remove_path
+from images.store import Store
 
 
 class TarBuilder:

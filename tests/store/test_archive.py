@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from common.errors import StrataError
+from images.archive import OPAQUE_XATTR, apply_layer, produce_layer
 from tests.store.helpers import TarBuilder, overlay, snapshot
 from tests.unionfs.support import mounted
-from unionfs.archive import OPAQUE_XATTR, apply_layer, produce_layer
-from unionfs.errors import StrataError
 
 
 def apply_bytes(data: bytes, dest: Path, **kw: object) -> object:

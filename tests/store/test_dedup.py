@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from images import dedup
+from images.store import Store
 from tests.store.helpers import overlay, snapshot
-from unionfs import dedup
-from unionfs.store import Store
 
 FILE_SIZE = 64 * 1024
 SHARED = 40

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
+from images import registry as client
+from images.archive import apply_layer
+from images.store import Store
 from tests.store.helpers import snapshot
 from tests.store.registry import running_registry
 from tests.support.dockerd import Dockerd, busybox_rootfs_tar, running_dockerd
 from tests.unionfs.support import mounted
-from unionfs import registry as client
-from unionfs.archive import apply_layer
-from unionfs.store import Store
 
 LAYER2 = (
     "rm -rf /data/sub && rm /data/a && rm -rf /replace-me && mkdir /replace-me && echo new > /replace-me/y"

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
+from common.errors import StrataError
+from images import formats
+from images import registry as client
+from images.digest import sha256_bytes
+from images.store import LayerSource, Store
 from tests.store.helpers import TarBuilder, image_view
 from tests.store.registry import Registry, running_registry
-from unionfs import image_formats
-from unionfs import registry as client
-from unionfs.digest import sha256_bytes
-from unionfs.errors import StrataError
-from unionfs.store import LayerSource, Store
 
 SKOPEO = "/usr/bin/skopeo"
 
@@ -49,11 +49,11 @@ def test_oci_layout_both_ways_through_skopeo(
     assert all(x["mediaType"].endswith("+zstd") for x in zman["layers"])
 
     reference = image_view(store, sample, tmp_path / "m0")
-    [(got, tags)] = image_formats.load(fresh, b)
+    [(got, tags)] = formats.load(fresh, b)
     assert got == sample and tags == []  # skopeo keeps only the tag, not the name
     assert image_view(fresh, got, tmp_path / "m1") == reference
     fresh.remove(got)
-    [(got, _)] = image_formats.load(fresh, z)
+    [(got, _)] = formats.load(fresh, z)
     assert got == sample and fresh.image(got).layers[0].media_type.endswith("+zstd")
     assert image_view(fresh, got, tmp_path / "m2") == reference
 
@@ -78,18 +78,18 @@ def test_docker_archives_through_skopeo(
     # ... and strata reads the docker archive skopeo writes.
     theirs = tmp_path / "theirs.tar"
     skopeo("copy", f"docker-archive:{classic}", f"docker-archive:{theirs}:elsewhere/sample:v2")
-    [(got, tags)] = image_formats.load(fresh, theirs)
+    [(got, tags)] = formats.load(fresh, theirs)
     assert got == sample and tags == ["elsewhere/sample:v2"]
     assert image_view(fresh, got, tmp_path / "m1") == image_view(store, sample, tmp_path / "m0")
 
     # Our own archives load back (the OCI form keeps the full name).
     fresh.remove(got)
-    assert image_formats.load(fresh, oci_tar) == [(sample, ["sample:v1"])]
+    assert formats.load(fresh, oci_tar) == [(sample, ["sample:v1"])]
     fresh.remove(sample)
     assert strata("load", "-i", str(classic)).out == "Loaded image: sample:v1\n"
     gz = tmp_path / "classic.tar.gz"  # `docker save IMAGE | gzip`
     gz.write_bytes(gzip.compress(classic.read_bytes()))
-    assert image_formats.load(fresh, gz) == [(sample, ["sample:v1"])]
+    assert formats.load(fresh, gz) == [(sample, ["sample:v1"])]
 
 
 def _tamper_archive(src: Path, dest: Path, member_suffix: str, offset: int) -> None:
@@ -114,12 +114,12 @@ def test_tampered_archive_refused_store_unchanged(
     strata("save", "-o", str(classic), "sample:v1")
     _tamper_archive(classic, bad, "layer.tar", 600)  # in the first file's content, past its header
     with pytest.raises(StrataError, match="digest mismatch"):
-        image_formats.load(fresh, bad)
+        formats.load(fresh, bad)
     assert fresh.images() == [] and os.listdir(fresh.layers_dir) == [] and os.listdir(fresh.blobs_dir) == []
 
     _tamper_archive(classic, bad, f"{sample[7:]}.json", 20)
     with pytest.raises(StrataError, match="digest mismatch"):
-        image_formats.load(fresh, bad)
+        formats.load(fresh, bad)
     res = strata("load", "-i", str(tmp_path / "nope.tar"), check=False)
     assert res.code == 1 and "no such file" in res.err
 
@@ -192,17 +192,17 @@ def _multi_arch_layout(store: Store, sample: str, dest: Path) -> str:
     layers = store.image(sample).layers
     sources = [LayerSource.from_file(store.blob_path(x.blob_digest), x.blob_digest) for x in layers]
     arm_id = store.add_image(json.dumps(arm).encode(), sources, ["sample:arm64"])
-    image_formats.save_oci_layout(store, ["sample:arm64", "sample:v1"], dest)
+    formats.save_oci_layout(store, ["sample:arm64", "sample:v1"], dest)
     index = json.loads((dest / "index.json").read_text())
     manifests = []
     for desc, arch in zip(index["manifests"], ["arm64", "amd64"], strict=True):
         manifests.append({k: desc[k] for k in ("mediaType", "digest", "size")}
                          | {"platform": {"os": "linux", "architecture": arch}})
-    doc = {"schemaVersion": 2, "mediaType": image_formats.OCI_INDEX, "manifests": manifests}
+    doc = {"schemaVersion": 2, "mediaType": formats.OCI_INDEX, "manifests": manifests}
     nested = json.dumps(doc).encode()
     (dest / "blobs" / "sha256" / sha256_bytes(nested)[7:]).write_bytes(nested)
-    index["manifests"] = [{"mediaType": image_formats.OCI_INDEX, "digest": sha256_bytes(nested),
-                           "size": len(nested), "annotations": {image_formats.REF_NAME: "multi"}}]
+    index["manifests"] = [{"mediaType": formats.OCI_INDEX, "digest": sha256_bytes(nested),
+                           "size": len(nested), "annotations": {formats.REF_NAME: "multi"}}]
     (dest / "index.json").write_text(json.dumps(index))
     return arm_id
 
@@ -213,7 +213,7 @@ def test_image_indexes_pick_this_platform(
     layout = tmp_path / "multi"
     arm_id = _multi_arch_layout(store, sample, layout)
     assert arm_id != sample
-    assert image_formats.load(fresh, layout) == [(sample, [])]
+    assert formats.load(fresh, layout) == [(sample, [])]
     name = f"{registry.host}/multi/arch:v1"
     skopeo("copy", "--all", "--dest-tls-verify=false", f"oci:{layout}:multi", f"docker://{name}")
     fresh.remove(sample)
@@ -247,7 +247,7 @@ def test_docker_archive_with_a_layer_tar_symlinked(fresh: Store, tmp_path: Path)
     manifest = [{"Config": f"{sha256_bytes(config)[7:]}.json", "RepoTags": ["twice:1"],
                  "Layers": ["aaa/layer.tar", "bbb/layer.tar"]}]
     (tmp_path / "a.tar").write_bytes(archive.file("manifest.json", json.dumps(manifest).encode()).bytes())
-    [(image_id, _)] = image_formats.load(fresh, tmp_path / "a.tar")
+    [(image_id, _)] = formats.load(fresh, tmp_path / "a.tar")
     layers = fresh.image(image_id).layers
     assert len(layers) == 2 and layers[0].chain_id != layers[1].chain_id
     assert (layers[1].diff / "same").read_bytes() == b"same content"

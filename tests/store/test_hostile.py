@@ -23,15 +23,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from common.errors import StrataError
+from common.parsing import MAX_JSON_DEPTH
+from common.tree import remove_path
+from images import formats
+from images import registry as client
+from images.archive import apply_layer, produce_layer
+from images.digest import sha256_bytes
+from images.store import LayerSource, Store
 from tests.store.helpers import TarBuilder, as_nobody, deep_tar, depth_of, make_deep, reachable_dir
-from unionfs import image_formats
-from unionfs import registry as client
-from unionfs.archive import apply_layer, produce_layer
-from unionfs.digest import sha256_bytes
-from unionfs.errors import StrataError
-from unionfs.parsing import MAX_JSON_DEPTH
-from unionfs.store import LayerSource, Store
-from unionfs.tree import remove_path
 
 DEEP_JSON = b"[" * 30_000 + b"]" * 30_000
 
@@ -155,7 +155,7 @@ def test_a_deep_layer_imports_and_every_later_command_works(
     assert json.loads(strata("system", "df", "--format", "json").out)["layers"] == 1
     strata("system", "dedup")
     strata("save", "-o", str(tmp_path / "deep-save.tar"), "deep")
-    assert image_formats.load(fresh, tmp_path / "deep-save.tar") == [(image_id, ["deep:latest"])]
+    assert formats.load(fresh, tmp_path / "deep-save.tar") == [(image_id, ["deep:latest"])]
     # An image made of its directory: the walk of a tree deeper than the stack.
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -354,21 +354,21 @@ def test_a_directory_archive_reads_only_regular_files_inside_it(store: Store, tm
     outside.write_bytes(layer)
     (d / "l" / "layer.tar").symlink_to(outside)
     with pytest.raises(StrataError, match="l/layer.tar is a symlink; refused"):
-        image_formats.load(store, d)
+        formats.load(store, d)
     (d / "l" / "layer.tar").unlink()
     os.mkfifo(d / "l" / "layer.tar")
     with pytest.raises(StrataError, match="is not a regular file; refused"):
-        image_formats.load(store, d)
+        formats.load(store, d)
     (d / "l" / "layer.tar").unlink()
     (d / "l").rename(d / "real")
     (d / "l").symlink_to(d / "real")  # a directory on the way: refused as well
     (d / "real" / "layer.tar").write_bytes(layer)
     with pytest.raises(StrataError, match="goes through a symlink"):
-        image_formats.load(store, d)
+        formats.load(store, d)
     assert _empty(store)
     (d / "l").unlink()
     (d / "real").rename(d / "l")
-    assert image_formats.load(store, d)[0][1] == ["dir:1"]
+    assert formats.load(store, d)[0][1] == ["dir:1"]
 
 
 def test_a_tar_archive_with_a_chain_of_links_is_refused(store: Store, tmp_path: Path) -> None:
@@ -380,7 +380,7 @@ def test_a_tar_archive_with_a_chain_of_links_is_refused(store: Store, tmp_path: 
     b.file("manifest.json", json.dumps([{"Config": "l29999", "Layers": ["l29999"]}]).encode())
     (tmp_path / "links.tar").write_bytes(b.bytes())
     with pytest.raises(StrataError, match="more than 8 links"):
-        image_formats.load(store, tmp_path / "links.tar")
+        formats.load(store, tmp_path / "links.tar")
     assert config and _empty(store)
 
 
@@ -417,7 +417,7 @@ def test_a_hostile_registry_gets_one_line_errors_and_fills_nothing(store: Store)
     layer = TarBuilder().file("a", b"layer").bytes()
     config = _config(layer)
     manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": image_formats.OCI_MANIFEST,
+        "schemaVersion": 2, "mediaType": formats.OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_bytes(config),
                    "size": len(config)},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256_bytes(layer),
@@ -431,7 +431,7 @@ def test_a_hostile_registry_gets_one_line_errors_and_fills_nothing(store: Store)
         return web.Response(status=404, body=DEEP_JSON, content_type="application/json")
 
     def good_manifest(request: web.Request) -> web.Response:
-        return web.Response(body=manifest, content_type=image_formats.OCI_MANIFEST)
+        return web.Response(body=manifest, content_type=formats.OCI_MANIFEST)
 
     def config_blob(request: web.Request) -> web.Response:
         return web.Response(body=config)

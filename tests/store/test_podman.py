@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from images import formats
+from images.store import Store
 from tests.store.helpers import image_view
-from unionfs import image_formats
-from unionfs.store import Store
 
 
 class Podman:
@@ -61,7 +61,7 @@ def test_strata_to_podman_and_back(
     for fmt in ("docker-archive", "oci-archive"):
         out = tmp_path / f"{fmt}.tar"
         podman("save", "--format", fmt, "-o", str(out), "localhost/sample:v1")
-        [(image_id, tags)] = image_formats.load(fresh, out)
+        [(image_id, tags)] = formats.load(fresh, out)
         assert fresh.image(image_id).config["rootfs"]["diff_ids"] == diff_ids
         assert tags == ["localhost/sample:v1"]
         assert image_view(fresh, image_id, tmp_path / f"m-{fmt}") == reference

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from common.errors import StrataError
+from images.digest import chain_ids, sha256_bytes
+from images.store import LayerSource, Store
 from tests.store.helpers import TarBuilder, overlay, snapshot
-from unionfs.digest import chain_ids, sha256_bytes
-from unionfs.errors import StrataError
-from unionfs.store import LayerSource, Store
 
 
 def _source(data: bytes, digest: str | None = None) -> LayerSource:

@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from common.errors import StrataError
 from unionfs import client
-from unionfs.errors import StrataError
 
 STRATA = str(Path(sys.executable).with_name("strata-unionfs"))
 # Bookkeeping the kernel writes into its upper that says nothing about the tree.

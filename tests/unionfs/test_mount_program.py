@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from unionfs.kernel import mount, umount
+from common.kernel import mount, umount
 
 from .support import STRATA, daemon_pids, is_mounted, layer_dirs, mounted, overlay_opts, unmount
 

@@ -1,4 +1,4 @@
-"""Tree removal (unionfs.tree), the one used by every package: deeper than
+"""Tree removal (common.tree), the one used by every package: deeper than
 Python's stack, never through a symlink, a bounded number of fds."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from unionfs.tree import remove_path
+from common.tree import remove_path
 
 
 def _deep(root: Path, depth: int, canary: Path) -> None:

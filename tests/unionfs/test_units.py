@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import StrataError
 from unionfs import options
 from unionfs.copyup import WorkDir, copy_data, copy_up
-from unionfs.errors import StrataError
 from unionfs.inodes import InodeTable
 from unionfs.layers import LayerStack
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from common import kernel
+from common.errors import StrataError
 from plugin_api import protocol as p
-from unionfs import kernel
-from unionfs.errors import StrataError
 from volumes import VolumeManager
 from volumes.drivers.base import open_layer
 from volumes.drivers.clone import unionfs_program

@@ -7,8 +7,8 @@ import asyncio
 import json
 import subprocess
 
+from common import kernel
 from plugin_api.client import PluginClient, PluginError
-from unionfs import kernel
 
 from .conftest import STRATA, Env, Service
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from common import kernel
+from common.errors import StrataError
+from common.parsing import MAX_JSON_DEPTH, parse_size
 from plugin_api import protocol as p
 from tests.store.helpers import as_nobody, depth_of, make_deep, reachable_dir
-from unionfs import kernel
-from unionfs.errors import StrataError
-from unionfs.parsing import MAX_JSON_DEPTH, parse_size
 from volumes import VolumeConfig, VolumeManager, loopfs
 
 from .conftest import Env, Service

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from unionfs import kernel
-from unionfs.errors import StrataError
+from common import kernel
+from common.errors import StrataError
 from volumes import NoSuchVolume, VolumeManager
 from volumes.usage import UNKNOWN, tree_size
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from common import kernel
 from plugin_api import protocol as p
 from plugin_api.client import PluginClient, PluginError, discover
-from unionfs import kernel
 
 from .conftest import STRATA, Env, Service
 

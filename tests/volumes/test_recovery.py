@@ -6,9 +6,9 @@ import asyncio
 import json
 from pathlib import Path
 
+from common import kernel
 from plugin_api import protocol as p
 from plugin_api.client import PluginClient, PluginError
-from unionfs import kernel
 
 from .conftest import Env, Service
 

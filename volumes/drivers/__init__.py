@@ -3,7 +3,7 @@ clone, tmpfs. `driver_for(type)` gives the one to use."""
 
 from __future__ import annotations
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 
 from .base import DATA, Driver, DriverContext, refuse_unknown
 from .bind import BindDriver

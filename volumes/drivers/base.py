@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from unionfs import kernel
-from unionfs.errors import StrataError
+from common import kernel
+from common.errors import StrataError
 
 from ..config import VolumeConfig
 from ..state import VolumeRecord

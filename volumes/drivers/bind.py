@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 
 from ..state import VolumeRecord
 from ..usage import UNKNOWN, tree_size

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from unionfs import kernel
-from unionfs.errors import StrataError
+from common import kernel
+from common.errors import StrataError
 
 from ..options import owner_and_mode
 from ..state import VolumeRecord

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from unionfs import kernel
-from unionfs.errors import StrataError
+from common import kernel
+from common.errors import StrataError
 
 from .. import loopfs
 from ..options import check_size, owner_and_mode

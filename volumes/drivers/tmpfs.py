@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from unionfs import kernel
-from unionfs.errors import StrataError
+from common import kernel
+from common.errors import StrataError
 
 from ..options import check_size, owner_and_mode
 from ..state import VolumeRecord

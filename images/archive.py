@@ -31,10 +31,10 @@ from typing import BinaryIO
 
 import zstandard
 
-from unionfs.digest import DigestingReader, DigestingWriter
-from unionfs.dirwalk import DirStack
-from unionfs.errors import StrataError
-from unionfs.tree import remove_path
+from common.dirwalk import DirStack
+from common.errors import StrataError
+from common.tree import remove_path
+from images.digest import DigestingReader, DigestingWriter
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"

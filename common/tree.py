@@ -15,7 +15,7 @@ import errno
 import os
 from pathlib import Path
 
-from .dirwalk import DirStack
+from common.dirwalk import DirStack
 
 # Rescans of a directory that keeps gaining entries before removal gives up.
 _RESCANS = 100

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 
 DEFAULT_STATE_ROOT = "/var/lib/strata"
 DEFAULT_RUN_ROOT = "/run/strata"

@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 
 # Above this no size means anything real, and the kernel parses sizes into 64-bit integers.
 MAX_SIZE = (1 << 63) - 1

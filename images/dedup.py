@@ -28,8 +28,8 @@ from typing import Any
 
 import xxhash
 
-from unionfs.dirwalk import O_DIR, walk
-from unionfs.store import Store
+from common.dirwalk import O_DIR, walk
+from images.store import Store
 
 _CHUNK = 1 << 20
 FICLONE = 0x40049409

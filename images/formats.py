@@ -22,13 +22,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from unionfs import reference
-from unionfs.digest import check_digest, sha256_bytes, verify_bytes
-from unionfs.dirwalk import O_DIR
-from unionfs.errors import StrataError
-from unionfs.parsing import load_json
-from unionfs.store import OCI_CONFIG, OCI_MANIFEST, Image, Layer, LayerSource, Store, host_architecture
-from unionfs.tree import remove_path
+from common.dirwalk import O_DIR
+from common.errors import StrataError
+from common.parsing import load_json
+from common.tree import remove_path
+from images import reference
+from images.digest import check_digest, sha256_bytes, verify_bytes
+from images.store import OCI_CONFIG, OCI_MANIFEST, Image, Layer, LayerSource, Store, host_architecture
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"

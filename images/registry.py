@@ -19,10 +19,10 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from unionfs import reference
-from unionfs.digest import chain_ids, check_digest, sha256_bytes
-from unionfs.errors import StrataError
-from unionfs.image_formats import (
+from common.errors import StrataError
+from images import reference
+from images.digest import chain_ids, check_digest, sha256_bytes
+from images.formats import (
     INDEX_TYPES,
     MANIFEST_TYPES,
     json_object,
@@ -30,7 +30,7 @@ from unionfs.image_formats import (
     parse_manifest,
     pick_platform,
 )
-from unionfs.store import OCI_MANIFEST, LayerSource, Store
+from images.store import OCI_MANIFEST, LayerSource, Store
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 

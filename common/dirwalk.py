@@ -5,7 +5,7 @@ can hold 5,000 levels), and may change while it is read (a container's upper, a 
 container still writes). `DirStack` is the chain of directories from a top one down to
 the current one, each entered by name with O_NOFOLLOW from its parent's fd, so nothing
 is ever reached through a symlink or a path someone else can change; `walk` lists every
-entry below a directory with it, depth first and without recursion; `unionfs.tree`
+entry below a directory with it, depth first and without recursion; `common.tree`
 removes a tree with it.
 """
 

@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterable
 from typing import BinaryIO
 
-from unionfs.errors import StrataError
+from common.errors import StrataError
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
