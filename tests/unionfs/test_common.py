@@ -1,11 +1,15 @@
-"""Tree removal (common.tree), the one used by every package: deeper than
-Python's stack, never through a symlink, a bounded number of fds."""
+"""The floor's file primitives every package uses: tree removal (common.tree:
+deeper than Python's stack, never through a symlink, a bounded number of fds)
+and the atomic write (common.atomic)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import pytest
+
+from common.atomic import write_atomic
 from common.tree import remove_path
 
 
@@ -48,3 +52,14 @@ def test_a_symlink_or_a_missing_path_is_not_followed(tmp_path: Path) -> None:
     assert not (tmp_path / "link").is_symlink() and (target / "f").exists()
     remove_path(tmp_path / "missing")
     remove_path(tmp_path / "nodir" / "missing")
+
+
+def test_write_atomic_replaces_whole_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    write_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["state.json"]
+    assert os.stat(target).st_mode & 0o777 == 0o600
+    with pytest.raises(FileNotFoundError):
+        write_atomic(tmp_path / "missing-dir" / "x", b"data")
+    assert os.listdir(tmp_path) == ["state.json"]
