@@ -13,6 +13,11 @@ seconds (fuse-overlayfs's default: 10^9 s); every change passes through the
 kernel, which updates its own caches as it goes. The one exception is
 copy-up: a file's pages cached from the lower copy are dropped when it is
 copied up, and its open handles are moved to the upper copy.
+
+One class of ~750 lines, because pyfuse3 dispatches every request to one
+Operations object; it is grouped by kind of request (lookup and attributes,
+new entries, removal and rename, files, directories, xattrs), and what is not
+a request lives in its collaborators (layers, inodes, copyup).
 """
 
 from __future__ import annotations
