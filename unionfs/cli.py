@@ -24,7 +24,7 @@ from types import FrameType
 
 import pyfuse3
 
-from common import kernel
+from common import daemon, kernel
 from common.errors import StrataError
 
 from . import options
@@ -189,43 +189,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _daemonize(opts: options.MountOptions, mountpoint: str) -> int:
-    """Fork; the child mounts and reports back through a pipe, so the parent
-    exits 0 only once the mount is live (it has answered a request and its
-    read-ahead is set), or 1 with the child's reason."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(wfd)
-        with os.fdopen(rfd, "rb") as r:
-            msg = r.read().decode(errors="replace")
-        if msg == "ok":
-            os._exit(0)  # nothing to flush; skipping interpreter teardown is ~15 ms of every mount
-        os.waitpid(pid, 0)
-        print(f"{PROG}: {msg or 'the mount daemon died while starting'}", file=sys.stderr)
+    """Mount in a daemon (common.daemon): exit 0 only once the mount is live (it has
+    answered a request and its read-ahead is set), else 1 with the daemon's reason."""
+
+    def serve(notify: daemon.Notifier) -> int:
+        ops = _mount(opts, mountpoint, False)  # before quiet(): libfuse's complaints reach the caller
+        daemon.quiet()
+        _serve(ops, mountpoint, notify.ready)
+        return 0
+
+    try:
+        daemon.daemonize(serve, name="mount daemon")
+    except StrataError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 1
-    os.close(rfd)
-    os.setsid()
-    try:
-        ops = _mount(opts, mountpoint, False)
-    except (StrataError, OSError) as e:
-        os.write(wfd, str(e).encode())
-        os._exit(1)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    os.chdir("/")
-
-    def ready() -> None:
-        os.write(wfd, b"ok")
-        os.close(wfd)
-
-    status = 1
-    try:
-        _serve(ops, mountpoint, ready)
-        status = 0
-    finally:
-        os._exit(status)
+    os._exit(0)  # nothing to flush; skipping interpreter teardown is ~15 ms of every mount
 
 
 if __name__ == "__main__":
