@@ -1,9 +1,10 @@
 """The VolumeDriver plugin service: aiohttp on a unix socket, answering Docker
-Engine (or any client of the protocol) from a VolumeManager.
+Engine (or any client of the protocol) from any `protocol.VolumeDriver` (strata's
+is the volume manager, handed in where `strata serve` builds the service).
 
-Manager calls block (file I/O, fsync, mount, strata-unionfs start-up), so they
-run in worker threads; the manager's file locks keep them consistent with each
-other and with `strata volume` commands running at the same time.
+Driver calls may block (file I/O, fsync, mount, strata-unionfs start-up), so they
+run in worker threads; keeping concurrent calls consistent is the driver's part
+(the volume manager's file locks also order them with `strata volume` commands).
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from typing import Any
 
 from aiohttp import web
 
+from common.atomic import write_atomic
 from common.errors import StrataError
-from volumes import VolumeManager
-from volumes.state import write_atomic
 
 from . import protocol as p
-from .protocol import SOCKET_DIR, SPEC_DIR
+from .protocol import SOCKET_DIR, SPEC_DIR, VolumeDriver
 
 log = logging.getLogger("strata.plugin")
 
@@ -34,10 +34,11 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class VolumePlugin:
-    """The eight endpoints over one manager."""
+    """The endpoints over one driver: each parses its typed request, calls the driver and
+    shapes its typed answer."""
 
-    def __init__(self, manager: VolumeManager) -> None:
-        self.manager = manager
+    def __init__(self, driver: VolumeDriver) -> None:
+        self.driver = driver
         self.routes: dict[str, Handler] = {
             p.ACTIVATE: self.activate, p.CREATE: self.create, p.REMOVE: self.remove,
             p.MOUNT: self.mount, p.UNMOUNT: self.unmount, p.PATH: self.path,
@@ -48,39 +49,39 @@ class VolumePlugin:
         return p.IMPLEMENTS
 
     async def capabilities(self, body: dict[str, Any]) -> dict[str, Any]:
-        return p.CAPABILITIES_RESPONSE
+        return p.capabilities(self.driver.scope)
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
         req = p.CreateRequest.parse(body)
-        await asyncio.to_thread(self.manager.create, req.name, req.opts)
+        await asyncio.to_thread(self.driver.create, req.name, req.opts)
         return {}
 
     async def remove(self, body: dict[str, Any]) -> dict[str, Any]:
         req = p.NameRequest.parse(body)
-        await asyncio.to_thread(self.manager.remove, req.name)
+        await asyncio.to_thread(self.driver.remove, req.name)
         return {}
 
     async def mount(self, body: dict[str, Any]) -> dict[str, Any]:
         req = p.MountRequest.parse(body)
-        path = await asyncio.to_thread(self.manager.mount, req.name, req.id)
+        path = await asyncio.to_thread(self.driver.mount, req.name, req.id)
         return {"Mountpoint": str(path)}
 
     async def unmount(self, body: dict[str, Any]) -> dict[str, Any]:
         req = p.MountRequest.parse(body)
-        await asyncio.to_thread(self.manager.unmount, req.name, req.id)
+        await asyncio.to_thread(self.driver.unmount, req.name, req.id)
         return {}
 
     async def path(self, body: dict[str, Any]) -> dict[str, Any]:
         req = p.NameRequest.parse(body)
-        return {"Mountpoint": str(await asyncio.to_thread(self.manager.path, req.name))}
+        return {"Mountpoint": str(await asyncio.to_thread(self.driver.path, req.name))}
 
     async def get(self, body: dict[str, Any]) -> dict[str, Any]:
         req = p.NameRequest.parse(body)
-        vol = await asyncio.to_thread(self.manager.get, req.name)
+        vol = await asyncio.to_thread(self.driver.get, req.name)
         return {"Volume": p.volume_object(vol)}
 
     async def list(self, body: dict[str, Any]) -> dict[str, Any]:
-        vols = await asyncio.to_thread(self.manager.list_volumes)
+        vols = await asyncio.to_thread(self.driver.list_volumes)
         return {"Volumes": [p.volume_object(v) for v in vols]}
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -163,17 +164,17 @@ class PluginService:
     """The running service: socket, optional spec file, and clean shutdown."""
 
     def __init__(
-        self, manager: VolumeManager, socket_path: Path, spec_path: Path | None = None
+        self, driver: VolumeDriver, socket_path: Path, spec_path: Path | None = None
     ) -> None:
-        self.manager = manager
+        self.driver = driver
         self.socket_path = socket_path
         self.spec_path = spec_path
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        for line in await asyncio.to_thread(self.manager.recover):
+        for line in await asyncio.to_thread(self.driver.recover):
             log.warning("recovery: %s", line)
-        self._runner = web.AppRunner(VolumePlugin(self.manager).app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(VolumePlugin(self.driver).app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         try:
             self.socket_path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,12 @@ def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
 
 
 class VolumeManager:
+    """Every volume operation; by its shape also the `plugin_api.protocol.VolumeDriver`
+    that `strata serve` serves (this package does not import plugin_api: it sits below)."""
+
+    # Docker's Capabilities Scope: a volume's name and data belong to this host.
+    scope = "local"
+
     def __init__(self, root: Path, config: VolumeConfig | None = None) -> None:
         self.store = VolumeStore(root)
         self.config = config or VolumeConfig()

@@ -11,13 +11,17 @@ import socket
 import stat
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from common import kernel
+from common.errors import StrataError
 from plugin_api import protocol as p
 from plugin_api.client import PluginClient, PluginError, discover
+from plugin_api.server import PluginService
 
 from .conftest import STRATA, Env, Service
 
@@ -212,3 +216,85 @@ def test_second_server_on_same_socket_refused(service: Service, env: Env) -> Non
                      "--spec-dir", str(service.spec_dir), check=False)
     assert res.returncode == 1 and "already listening" in res.stderr
     assert service.answers()
+
+
+@dataclass
+class _MemoryVolume:
+    name: str
+    mountpoint: Path
+    created_at: str = "2024-01-01T00:00:00Z"
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+class _MemoryDriver:
+    """A VolumeDriver that is not the volume manager: directories under one top, no state
+    kept on disk. The server must take it as it takes the manager."""
+
+    scope = "global"
+
+    def __init__(self, top: Path) -> None:
+        self.top = top
+        self.volumes: dict[str, _MemoryVolume] = {}
+        self.recovered = False
+
+    def recover(self) -> list[str]:
+        self.recovered = True
+        return []
+
+    def create(self, name: str, opts: object) -> object:
+        (self.top / name).mkdir()
+        self.volumes[name] = _MemoryVolume(name, self.top / name, status={"Opts": opts})
+        return None
+
+    def remove(self, name: str) -> None:
+        (self.top / name).rmdir()
+        del self.volumes[name]
+
+    def mount(self, name: str, mount_id: str) -> Path:
+        return self.get(name).mountpoint
+
+    def unmount(self, name: str, mount_id: str) -> None:
+        self.get(name)
+
+    def path(self, name: str) -> Path:
+        return self.get(name).mountpoint
+
+    def get(self, name: str) -> _MemoryVolume:
+        if name not in self.volumes:
+            raise StrataError(f"unknown to memory: {name}")
+        return self.volumes[name]
+
+    def list_volumes(self) -> list[_MemoryVolume]:
+        return [_MemoryVolume(v.name, v.mountpoint, v.created_at) for v in self.volumes.values()]
+
+
+def test_the_server_serves_any_volume_driver(tmp_path: Path) -> None:
+    driver = _MemoryDriver(tmp_path)
+    sock_dir = Path(tempfile.mkdtemp(prefix="sv-", dir="/tmp"))
+    sock = sock_dir / "mem.sock"
+
+    async def go() -> None:
+        service = PluginService(driver, sock, sock_dir / "mem.spec")
+        await service.start()
+        try:
+            async with PluginClient(f"unix://{sock}") as c:
+                assert await c.activate() == ["VolumeDriver"]
+                assert await c.capabilities() == {"Scope": "global"}
+                await c.create("m1", {"k": "v"})
+                mp = str(tmp_path / "m1")
+                assert await c.mount("m1", ID_A) == mp and await c.path("m1") == mp
+                await c.unmount("m1", ID_A)
+                listed = {"Name": "m1", "Mountpoint": mp, "CreatedAt": "2024-01-01T00:00:00Z"}
+                assert await c.get("m1") == {**listed, "Status": {"Opts": {"k": "v"}}}
+                assert await c.list() == [listed]
+                await c.remove("m1")
+                with pytest.raises(PluginError, match="unknown to memory: m1"):
+                    await c.get("m1")
+        finally:
+            await service.stop()
+
+    try:
+        asyncio.run(go())
+    finally:
+        shutil.rmtree(sock_dir)
+    assert driver.recovered
