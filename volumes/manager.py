@@ -5,7 +5,9 @@ No state lives in memory: each call reads the records it needs under the
 store's locks and writes changes back atomically, so the plugin service, any
 number of CLI processes and a service restarted after kill -9 all see one truth.
 Mount references are counted per mount ID: the first Mount of a volume
-provisions it (mounts the tmpfs or the clone), the last Unmount releases it.
+provisions it (whatever its driver mounts), the last Unmount releases it.
+What a volume's type means is asked of its driver (`drivers.Driver` hooks),
+never spelled here, so a new driver needs no change to the manager.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ class VolumeManager:
     def _dependents(self, name: str) -> list[str]:
         return [
             r.name for r in (self.store.load(n) for n in self.store.names())
-            if r is not None and r.type == "clone" and r.options.get("from") == name
+            if r is not None and driver_for(r.type).depends_on(r) == name
         ]
 
     # -- changing ------------------------------------------------------------------------
@@ -213,8 +215,8 @@ class VolumeManager:
             self._remove_locked(self._load(name), force)
 
     def prune(self) -> list[tuple[str, int]]:
-        """Remove every volume without mount references (clones before their sources);
-        returns (name, bytes freed) for each."""
+        """Remove every volume without mount references (dependents before what they are
+        built on); returns (name, bytes freed) for each."""
         removed: list[tuple[str, int]] = []
         with self.store.lock_all(exclusive=True):
             self.store.sweep()
@@ -225,8 +227,7 @@ class VolumeManager:
                     rec = self.store.load(name)
                     if rec is None or rec.refs or self._dependents(name):
                         continue
-                    # A bind volume's host directory stays; an uncounted size counts as 0.
-                    size = 0 if rec.type == "bind" else max(0, self._volume(rec, True).status.get("Size", 0))
+                    size = driver_for(rec.type).reclaimable(rec, self.store.volume_dir(name))
                     self._remove_locked(rec)
                     removed.append((name, size))
                     progress = True
@@ -234,9 +235,9 @@ class VolumeManager:
 
     def recover(self) -> list[str]:
         """Bring the kernel in line with the records after a crash or reboot: drop references
-        from an earlier boot, remount referenced tmpfs/clone volumes whose mount vanished or
-        died, release mounts nobody references, delete half-done creates/removes. Returns
-        what it did, one line each."""
+        from an earlier boot, remount referenced volumes that mount on use whose mount
+        vanished or died, release mounts nobody references, delete half-done
+        creates/removes. Returns what it did, one line each."""
         with self.store.lock_all(exclusive=True):
             report = self.store.sweep()
             for name in self.store.names():
@@ -252,7 +253,8 @@ class VolumeManager:
                 if rec.refs and not drv.is_provisioned(rec, vdir):
                     try:
                         drv.provision(rec, vdir, self.ctx)
-                        lost = " (a tmpfs: its previous content was lost)" if rec.type == "tmpfs" else ""
+                        lost = ("" if drv.keeps_data_unmounted(rec)
+                                else f" (a {rec.type}: its previous content was lost)")
                         rec.note = f"mounted again on recovery at {now_rfc3339()}{lost}"
                     except StrataError as e:
                         rec.note = f"could not be mounted again on recovery: {e}"

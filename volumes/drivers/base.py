@@ -5,7 +5,9 @@ options. The manager does the bookkeeping (names, records, reference counts,
 locks) and calls the driver at these points: ``validate`` and ``build`` at
 create time (``build`` fills a private staging directory), ``provision`` on the
 first Mount and ``release`` after the last Unmount, ``layers`` when another
-volume is cloned from this one.
+volume is cloned from this one. What the manager must know of a type it asks
+through hooks (``mounts_on_use``, ``keeps_data_unmounted``, ``depends_on``,
+``reclaimable``) rather than by its name.
 """
 
 from __future__ import annotations
@@ -55,6 +57,21 @@ class Driver(ABC):
     def mounts_on_use(self, rec: VolumeRecord) -> bool:
         """True when provisioning is a real mount that a reboot undoes and recovery must redo."""
         return False
+
+    def keeps_data_unmounted(self, rec: VolumeRecord) -> bool:
+        """False when the data lives only in the mount (memory): the last Unmount, a crash or
+        a reboot takes it, so a recovery's remount starts empty and says so."""
+        return True
+
+    def depends_on(self, rec: VolumeRecord) -> str | None:
+        """The volume whose content this one stacks (see `layers`): it cannot be removed
+        while this one exists. None for a volume that stands alone."""
+        return None
+
+    def reclaimable(self, rec: VolumeRecord, vdir: Path) -> int:
+        """Bytes removing the volume frees, for prune's report: its counted Size (0 when
+        it is not counted)."""
+        return max(0, self.status(rec, vdir).get("Size", 0))
 
     def is_provisioned(self, rec: VolumeRecord, vdir: Path) -> bool:
         return True

@@ -61,6 +61,10 @@ class BindDriver(Driver):
     def layers(self, rec: VolumeRecord, vdir: Path, ctx: DriverContext) -> list[Path]:
         return [_recheck(rec, ctx)]
 
+    def reclaimable(self, rec: VolumeRecord, vdir: Path) -> int:
+        """Nothing: removing the volume leaves the host directory (and spares the walk)."""
+        return 0
+
     def status(self, rec: VolumeRecord, vdir: Path) -> dict[str, Any]:
         """Size is counted only through the recorded device itself: a symlink swapped in for
         it (or for a directory above it) would lead the walk elsewhere, so then it is -1."""

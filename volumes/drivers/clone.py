@@ -114,6 +114,9 @@ class CloneDriver(Driver):
     def release(self, rec: VolumeRecord, vdir: Path) -> None:
         unmount_quietly(vdir / DATA)
 
+    def depends_on(self, rec: VolumeRecord) -> str | None:
+        return rec.options.get("from")
+
     def layers(self, rec: VolumeRecord, vdir: Path, ctx: DriverContext) -> list[Path]:
         return [vdir / UPPER, *ctx.layers_of(rec.options["from"])]
 

@@ -35,6 +35,9 @@ class TmpfsDriver(Driver):
     def mounts_on_use(self, rec: VolumeRecord) -> bool:
         return True
 
+    def keeps_data_unmounted(self, rec: VolumeRecord) -> bool:
+        return False
+
     def is_provisioned(self, rec: VolumeRecord, vdir: Path) -> bool:
         return kernel.is_mountpoint(vdir / DATA)
 
