@@ -12,9 +12,9 @@ import pytest
 from common import kernel
 from common.errors import StrataError
 from plugin_api import protocol as p
+from unionfs import client
 from volumes import VolumeManager
 from volumes.drivers.base import open_layer
-from volumes.drivers.clone import unionfs_program
 
 from .conftest import Env, Service
 
@@ -31,7 +31,7 @@ def tree(top: Path) -> dict[str, bytes | None]:
 
 @pytest.fixture
 def source(manager: VolumeManager) -> Path:
-    unionfs_program(None)  # fails with a clear reason when strata-unionfs is not installed
+    client.program()  # fails with a clear reason when strata-unionfs is not installed
     mp = manager.create("src", {}).mountpoint
     (mp / "keep.txt").write_text("original\n")
     (mp / "edit.txt").write_text("before\n")
@@ -127,7 +127,7 @@ def test_clone_remounted_after_kill9_and_reboot(env: Env, service: Service, sour
 @pytest.fixture
 def bind_site(env: Env, tmp_path: Path) -> tuple[Path, Path]:
     """A host directory inside the bind roots, and one outside them holding a canary."""
-    unionfs_program(None)
+    client.program()
     site = env.bind_root / "site"
     site.mkdir()
     (site / "index.html").write_text("hello\n")

@@ -9,41 +9,35 @@ not written is read from the source at read time; names replaced in the source
 afterwards are not followed. Every layer is checked at each mount by the driver
 that owns it (a bind device against `bind_roots`, as its own Mount would), and
 the lower layers reach strata-unionfs as descriptors of the checked directories
-(`/proc/self/fd/N`), so a symlink swapped in after the check is never mounted."""
+(`/proc/self/fd/N`), so a symlink swapped in after the check is never mounted.
+Mounting, the liveness test and unmounting are the mount program's one client's
+(`unionfs.client`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from common import kernel
 from common.errors import StrataError
+from unionfs import client
 
 from ..options import owner_and_mode
 from ..state import VolumeRecord
 from ..usage import tree_size
-from .base import DATA, Driver, DriverContext, open_layer, set_owner_and_mode, unmount_quietly
+from .base import DATA, Driver, DriverContext, open_layer, set_owner_and_mode
 
 UPPER = "upper"
 WORK = "work"
-_MOUNT_TIMEOUT = 60
 
 
-def unionfs_program(configured: str | None) -> str:
-    """The strata-unionfs of the running install (beside this Python), else the one on PATH."""
-    if configured:
-        return configured
-    beside = Path(sys.executable).with_name("strata-unionfs")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("strata-unionfs")
-    if not found:
-        raise StrataError("strata-unionfs not found (install strata, or set unionfs in the volume config)")
-    return found
+def _unmount(target: Path) -> None:
+    """Unmount the clone (its daemon ends with it), never failing: Docker ignores Unmount
+    errors, so failing here would only leak a reference."""
+    with contextlib.suppress(StrataError):
+        client.unmount(target)
 
 
 class CloneDriver(Driver):
@@ -67,21 +61,14 @@ class CloneDriver(Driver):
         return True
 
     def is_provisioned(self, rec: VolumeRecord, vdir: Path) -> bool:
-        """Mounted and answering: a FUSE mount whose daemon died fails with ENOTCONN
-        (statfs always reaches the daemon; stat may be answered from the kernel's cache)."""
-        if not kernel.is_mountpoint(vdir / DATA):
-            return False
-        try:
-            os.statvfs(vdir / DATA)
-        except OSError:
-            return False
-        return True
+        """Mounted and answering (a mount whose daemon died is not)."""
+        return client.alive(vdir / DATA)
 
     def provision(self, rec: VolumeRecord, vdir: Path, ctx: DriverContext) -> None:
         if self.is_provisioned(rec, vdir):
             return
         if kernel.is_mountpoint(vdir / DATA):  # a dead daemon's mount: detach, then mount afresh
-            unmount_quietly(vdir / DATA)
+            _unmount(vdir / DATA)
         real = Path(os.path.realpath(vdir))
         try:
             # Every layer checked now by its owner, down the chain of sources (Driver.layers).
@@ -96,23 +83,16 @@ class CloneDriver(Driver):
             # Every layer goes as the checked directory itself (the child inherits the
             # descriptors and opens each through /proc/self/fd/N).
             upper_o, work_o, *lower_o = (f"/proc/self/fd/{fd}" for fd in fds)
-            argv = [
-                unionfs_program(ctx.config.unionfs),
-                "-o", f"lowerdir={':'.join(lower_o)},upperdir={upper_o},workdir={work_o}", str(vdir / DATA),
-            ]
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=_MOUNT_TIMEOUT,
-                                 stdin=subprocess.DEVNULL, pass_fds=fds)
-        except (StrataError, OSError, subprocess.TimeoutExpired) as e:
+            client.mount(client.Union(lower_o, upper_o, work_o), vdir / DATA,
+                         prog=ctx.config.unionfs, pass_fds=fds)
+        except (StrataError, OSError) as e:
             raise StrataError(f"cannot mount clone {rec.name}: {e}") from None
         finally:
             for fd in fds:
                 os.close(fd)
-        if res.returncode != 0 or not self.is_provisioned(rec, vdir):
-            reason = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
-            raise StrataError(f"cannot mount clone {rec.name}: strata-unionfs: {reason}")
 
     def release(self, rec: VolumeRecord, vdir: Path) -> None:
-        unmount_quietly(vdir / DATA)
+        _unmount(vdir / DATA)
 
     def depends_on(self, rec: VolumeRecord) -> str | None:
         return rec.options.get("from")
