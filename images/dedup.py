@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import filecmp
 import os
+import secrets
 import stat
 import struct
 from collections import defaultdict
@@ -28,6 +29,7 @@ from typing import Any
 
 import xxhash
 
+from common.atomic import fsync_dir
 from common.dirwalk import O_DIR, walk
 from images.store import Store
 
@@ -119,12 +121,20 @@ def can_reflink(directory: str | os.PathLike[str]) -> bool:
 
 def _replace(path: str, make: Callable[[str], None]) -> None:
     """Put a new file at path through a temp name beside it (atomic), keeping the parent's
-    times: the directory is part of the layer's tree too."""
+    times: the directory is part of the layer's tree too. The temp name is unique (a
+    leftover of a killed run never blocks the next, and it stays short whatever the
+    file's name); the new file and the rename are fsynced, as state writes are, so a
+    power cut leaves the old file or the shared one."""
     parent = os.path.dirname(path)
     pst = os.lstat(parent)
-    tmp = os.path.join(parent, f".dedup-{os.getpid()}-{os.path.basename(path)}")
+    tmp = os.path.join(parent, f".dedup-{secrets.token_hex(8)}.tmp")
     try:
         make(tmp)
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, path)
     except OSError:
         with contextlib.suppress(FileNotFoundError):
@@ -132,6 +142,7 @@ def _replace(path: str, make: Callable[[str], None]) -> None:
         raise
     finally:
         os.utime(parent, ns=(pst.st_atime_ns, pst.st_mtime_ns), follow_symlinks=False)
+    fsync_dir(parent)
 
 
 def _clone(canonical: str, original: str) -> Callable[[str], None]:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from common.atomic import atomic_file
 from common.dirwalk import O_DIR
 from common.errors import StrataError
 from common.parsing import load_json
@@ -420,16 +421,10 @@ def _check_parent(dest: Path) -> None:
 
 
 def save_archive_file(store: Store, refs: Sequence[str], dest: Path, *, oci: bool = False) -> None:
-    """save_archive to a file, written beside it and renamed in, so a failure leaves no torn archive."""
+    """save_archive to a file through common.atomic, so a failure or a crash leaves no torn archive."""
     _check_parent(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            save_archive(store, refs, f, oci=oci)
-        os.rename(tmp, dest)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(dest) as f:
+        save_archive(store, refs, f, oci=oci)
 
 
 def save_oci_layout(store: Store, refs: Sequence[str], dest: Path) -> None:

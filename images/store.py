@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from common.atomic import fsync_dir, write_atomic
 from common.errors import StrataError
 from common.parsing import load_json, parse_size
 from common.paths import STATE_ROOT_MODE, private_dir, state_root
@@ -135,15 +136,6 @@ def _remove_quietly(path: Path) -> None:
         remove_path(path)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-
-
 class Store:
     def __init__(
         self, root: str | os.PathLike[str] | None = None, *, max_layer_size: int | None = None
@@ -223,7 +215,7 @@ class Store:
     def _put_blob(self, data: bytes) -> str:
         digest = sha256_bytes(data)
         if not self.has_blob(digest):
-            _write_atomic(self.blob_path(digest), data)
+            write_atomic(self.blob_path(digest), data)
         return digest
 
     # --- layers --------------------------------------------------------------------------
@@ -277,6 +269,9 @@ class Store:
                 )
             finally:
                 raw.close()
+            # Durable before it is renamed into place, as every state write is.
+            blob.flush()
+            os.fsync(blob.fileno())
             blob.close()
             assert applied.blob_digest is not None
             chain = chain_id(parent, applied.diff_id)
@@ -290,11 +285,13 @@ class Store:
                 "size": applied.size,
                 "tar_size": applied.tar_size,
             }
-            (stage / "layer" / "layer.json").write_text(json.dumps(meta, indent=1))
+            write_atomic(stage / "layer" / "layer.json", json.dumps(meta, indent=1).encode())
             if not self.has_blob(applied.blob_digest):
                 os.rename(stage / "blob", self.blob_path(applied.blob_digest))
+                fsync_dir(self.blobs_dir)
             if not self.has_layer(chain):
                 os.rename(stage / "layer", self.layers_dir / _hex(chain))
+                fsync_dir(self.layers_dir)
         return self.layer(chain)
 
     def open_layer_tar(self, layer: Layer) -> BinaryIO:
@@ -314,7 +311,7 @@ class Store:
             return {}
 
     def _save_repositories(self, repos: dict[str, str]) -> None:
-        _write_atomic(self.repositories_file, json.dumps(repos, indent=1, sort_keys=True).encode())
+        write_atomic(self.repositories_file, json.dumps(repos, indent=1, sort_keys=True).encode())
 
     def image_ids(self) -> list[str]:
         return sorted("sha256:" + p.stem for p in self.images_dir.glob("*.json"))
@@ -380,7 +377,7 @@ class Store:
     def _record_image(self, config_bytes: bytes, keys: Sequence[str]) -> str:
         """The image exists once its config blob and record are in place (store locked)."""
         image_id = self._put_blob(config_bytes)
-        _write_atomic(self.images_dir / f"{_hex(image_id)}.json", json.dumps({"id": image_id}).encode())
+        write_atomic(self.images_dir / f"{_hex(image_id)}.json", json.dumps({"id": image_id}).encode())
         self._retag(image_id, keys)
         return image_id
 
@@ -516,7 +513,7 @@ class Store:
         delete it, and its layers stay, until `release(holder)`. Returns the image id."""
         with self.locked():
             image_id = self.resolve(ref)
-            _write_atomic(self._hold_path(holder), image_id.encode())
+            write_atomic(self._hold_path(holder), image_id.encode())
         return image_id
 
     def release(self, holder: str) -> None:

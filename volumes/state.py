@@ -8,9 +8,9 @@ Layout under the volume root (``<state root>/volumes``)::
     NAME/...              the driver's files (_data, upper, work)
     .new-XXXX/ .trash-XXXX/   a create or remove in flight
 
-Every change is a write to a temp file, fsync, rename over the old one and an
-fsync of the directory, so a kill -9 or a power cut at any moment leaves the
-old record or the new one, never a torn one. A volume appears by renaming a
+Every change of a record is `common.atomic.write_atomic` (a unique temp file,
+fsync, rename over the old one, fsync of the directory), so a kill -9 or a power
+cut at any moment leaves the old record or the new one, never a torn one. A volume appears by renaming a
 fully built ``.new-`` directory to its name and disappears by renaming it to
 ``.trash-`` first, so nothing half-made is ever visible under a volume name.
 The volume root and every ``NAME/`` are 0710 (``common.paths.STATE_ROOT_MODE``): no
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from common import kernel
+from common.atomic import fsync_dir, write_atomic
 from common.errors import StrataError
 from common.paths import STATE_ROOT_MODE, private_dir
 from common.tree import remove_path
@@ -85,30 +86,6 @@ class VolumeRecord:
             mounts={str(k): int(v) for k, v in (raw.get("Mounts") or {}).items()}, note=raw.get("Note", ""),
             boot=raw.get("Boot", ""),
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace path with data so that readers and crashes see the old or the new content only."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -190,20 +167,19 @@ class VolumeStore:
         try:
             os.chmod(tmp, STATE_ROOT_MODE)
             yield tmp
-            write_atomic(tmp / RECORD, self._encode(rec))
-            _fsync_dir(tmp)
+            write_atomic(tmp / RECORD, self._encode(rec))  # fsyncs tmp too: the record is in it
             os.rename(tmp, final)
         except BaseException:
             remove_tree(tmp)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def discard(self, name: str) -> None:
         """Make name vanish at once, then delete its files (what cannot go yet stays in a
         `.trash-` directory for the next sweep). Call under lock_all(True)."""
         trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=self.root))
         os.rename(self.volume_dir(name), trash / name)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         remove_tree(trash)
 
     def sweep(self) -> list[str]:
