@@ -24,25 +24,30 @@ import os
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
 
-from common.dirwalk import DirStack
+from common.dirwalk import O_DIR, DirStack
 from common.errors import StrataError
 from common.tree import remove_path
 from images.digest import DigestingReader, DigestingWriter
+from unionfs.whiteout import (
+    OPAQUE_MARKER,
+    has_opaque_xattr,
+    is_marker,
+    is_private_xattr,
+    is_whiteout,
+    make_whiteout,
+    set_opaque,
+    whited_out_name,
+    whiteout_marker,
+)
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-OPAQUE_XATTR = "trusted.overlay.opaque"
-# Opaque markers other writers put on upper dirs; all are read when producing a layer.
-_OPAQUE_XATTRS = (OPAQUE_XATTR, "user.overlay.opaque", "user.fuseoverlayfs.opaque")
-# Overlay-private xattrs: never copied into a tar, never accepted from one.
-_PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
+# The marker formats are unionfs.whiteout's: every form read, the kernel's written.
 _REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
 _XATTR_PAX = "SCHILY.xattr."
 _CHUNK = 1 << 20
@@ -119,6 +124,16 @@ class _Extractor:
     def path(self, parts: tuple[str, ...]) -> Path:
         return self.root.joinpath(*parts)
 
+    @contextlib.contextmanager
+    def _dir_fd(self, parts: tuple[str, ...]) -> Iterator[int]:
+        """A directory of this layer, walked and checked already, open (its last component
+        not followed), for the marker writers of unionfs.whiteout, which work on fds."""
+        fd = os.open(self.path(parts), O_DIR)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     def _lstat(self, parts: tuple[str, ...]) -> os.stat_result | None:
         try:
             return os.lstat(self.path(parts))
@@ -169,16 +184,16 @@ class _Extractor:
             self.dir_times[()] = m.mtime
             return
         base = parts[-1]
-        if base == OPAQUE_MARKER:
-            self.walk_parents(parts, m.name, create=True)
-            self.opaque.add(parts[:-1])
+        if is_marker(base):
+            hidden = whited_out_name(base)
+            if hidden is None:  # the opaque marker
+                self.walk_parents(parts, m.name, create=True)
+                self.opaque.add(parts[:-1])
+            elif not is_marker(hidden):  # AUFS bookkeeping (.wh..wh.plnk) means nothing in a layer
+                self.walk_parents(parts, m.name, create=True)
+                self._whiteout(parts[:-1] + (hidden,), m.name)
             return
-        if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
-            return  # AUFS bookkeeping (.wh..wh.plnk, .wh..wh.aufs): no meaning in a layer
         self.walk_parents(parts, m.name, create=True)
-        if base.startswith(WHITEOUT_PREFIX):
-            self._whiteout(parts[:-1] + (base[len(WHITEOUT_PREFIX) :],), m.name)
-            return
         existing = self._lstat(parts)
         target = self.path(parts)
         if m.isdir():
@@ -217,7 +232,8 @@ class _Extractor:
         self.whiteouts.add(hidden)
         st = self._lstat(hidden)
         if st is None:
-            os.mknod(self.path(hidden), stat.S_IFCHR | 0o000, os.makedev(0, 0))
+            with self._dir_fd(hidden[:-1]) as fd:
+                make_whiteout(fd, hidden[-1])
         elif stat.S_ISDIR(st.st_mode):
             self.opaque.add(hidden)
         # Anything else of this layer keeps its place: a whiteout only hides lower layers.
@@ -253,7 +269,7 @@ class _Extractor:
         st = self._lstat(src)
         if st is None:
             raise StrataError(f"layer refused: hard link {_q(m.name)} to {_q(m.linkname)}, not in this layer")
-        if stat.S_ISDIR(st.st_mode) or (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
+        if stat.S_ISDIR(st.st_mode) or is_whiteout(st):
             raise StrataError(f"layer refused: hard link {_q(m.name)} to a directory or whiteout")
         os.link(self.path(src), self.path(parts), follow_symlinks=False)
 
@@ -263,7 +279,7 @@ class _Extractor:
             if not key.startswith(_XATTR_PAX):
                 continue
             name = key[len(_XATTR_PAX) :]
-            if name.startswith(_PRIVATE_XATTR_PREFIXES):
+            if is_private_xattr(name):
                 raise StrataError(f"layer refused: overlay-private xattr {name} on {_q(m.name)}")
             os.setxattr(target, name, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
         if not m.issym():
@@ -279,7 +295,8 @@ class _Extractor:
             st = self._lstat(parts)
             if st is None or not stat.S_ISDIR(st.st_mode):
                 raise StrataError(f"layer refused: opaque marker in {_q('/'.join(parts))}, not a directory")
-            os.setxattr(self.path(parts), OPAQUE_XATTR, b"y")
+            with self._dir_fd(parts) as fd:
+                set_opaque(fd)
         # Children change their parent's mtime: set directories' last, deepest first.
         for parts in sorted(self.dir_times, key=len, reverse=True):
             self._times(self.path(parts), self.dir_times[parts])
@@ -393,14 +410,14 @@ def _fd_xattrs(fd: int) -> dict[str, bytes]:
     return _xattrs(f"/proc/self/fd/{fd}", follow_symlinks=True)
 
 
-def _opaque_xattr(xattrs: dict[str, bytes]) -> bool:
-    """The opaque-directory xattrs an upper may carry (kernel, fuse-overlayfs)."""
-    return any(xattrs.get(name) == b"y" for name in _OPAQUE_XATTRS)
-
-
 def _is_opaque(path: str) -> bool:
     """Every opaque-directory form of a lower dir (the xattrs, the OCI marker file)."""
-    return _opaque_xattr(_xattrs(path)) or os.path.lexists(os.path.join(path, OPAQUE_MARKER))
+    return has_opaque_xattr(path) or os.path.lexists(os.path.join(path, OPAQUE_MARKER))
+
+
+def _hidden_by(names: Iterable[str]) -> set[str]:
+    """The names the OCI whiteout files among names hide (the opaque marker hides none)."""
+    return {hidden for n in names if is_marker(n) and (hidden := whited_out_name(n)) is not None}
 
 
 def _reader(path: str, follow: bool) -> Callable[[], BinaryIO]:
@@ -419,10 +436,6 @@ def _marker(name: str, st: os.stat_result) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.mtime, info.mode, info.uname, info.gname = int(st.st_mtime), 0o600, "", ""
     return info
-
-
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 # What a rename or removal under a walk makes it meet.
@@ -474,7 +487,7 @@ class _Producer:
         info.pax_headers = {
             _XATTR_PAX + name: value.decode("utf-8", "surrogateescape")
             for name, value in xattrs.items()
-            if not name.startswith(_PRIVATE_XATTR_PREFIXES)
+            if not is_private_xattr(name)
         }
         return info
 
@@ -520,7 +533,7 @@ class _Producer:
         for layer in self.lowers:
             path, cut = layer, False
             for i, part in enumerate(parts):
-                if os.path.lexists(os.path.join(path, WHITEOUT_PREFIX + part)):
+                if os.path.lexists(os.path.join(path, whiteout_marker(part))):
                     return out
                 path = os.path.join(path, part)
                 try:
@@ -544,12 +557,12 @@ class _Producer:
         hidden: set[str] = set()
         for d in self._lower_dirs(lower_rel):
             for name in os.listdir(d):
-                if name == OPAQUE_MARKER or name in found or name in hidden:
+                if name in found or name in hidden:
                     continue
-                if name.startswith(WHITEOUT_PREFIX):
-                    hidden.add(name[len(WHITEOUT_PREFIX) :])
+                if is_marker(name):
+                    hidden |= _hidden_by([name])
                     continue
-                if _is_whiteout(os.lstat(os.path.join(d, name))):
+                if is_whiteout(os.lstat(os.path.join(d, name))):
                     hidden.add(name)
                 else:
                     found[name] = os.path.join(d, name)
@@ -561,7 +574,7 @@ class _Producer:
         shows, upper entries over those of the lower dir at lower_rel."""
         in_upper = set(os.listdir(self.dirs.fd())) if upper else set()
         lower = self._lower_children(lower_rel) if merged else {}
-        hidden = {n[len(WHITEOUT_PREFIX) :] for n in in_upper if merged and n.startswith(WHITEOUT_PREFIX)}
+        hidden = _hidden_by(in_upper) if merged else set()
         todo = sorted((in_upper | set(lower)) - hidden - {OPAQUE_MARKER}, reverse=True)
         return _Frame(rel, upper, lower_rel, merged, todo, in_upper, lower)
 
@@ -591,9 +604,9 @@ class _Producer:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
         try:
             st = os.fstat(fd)
-            if _is_whiteout(st) or (f.merged and name.startswith(WHITEOUT_PREFIX)):
+            if is_whiteout(st) or (f.merged and is_marker(name)):
                 if not f.merged:
-                    self.tar.addfile(_marker(f"{f.rel}{WHITEOUT_PREFIX}{name}", st))
+                    self.tar.addfile(_marker(f"{f.rel}{whiteout_marker(name)}", st))
                 return None
             if stat.S_ISSOCK(st.st_mode):
                 return None
@@ -612,7 +625,7 @@ class _Producer:
             raise OSError(errno.ESTALE, "replaced while being read")
         xa = _fd_xattrs(self.dirs.fd())
         redirect = next((xa[n] for n in _REDIRECT_XATTRS if n in xa), None)
-        opaque = _opaque_xattr(xa)
+        opaque = has_opaque_xattr(self.dirs.fd())
         if not opaque:
             with contextlib.suppress(FileNotFoundError):
                 os.lstat(OPAQUE_MARKER, dir_fd=self.dirs.fd())

@@ -38,6 +38,11 @@ def whited_out_name(marker: str) -> str | None:
     return marker[len(WH_PREFIX):]
 
 
+def whiteout_marker(name: str) -> str:
+    """NAME -> `.wh.NAME`, the OCI whiteout file that hides NAME (whited_out_name's inverse)."""
+    return WH_PREFIX + name
+
+
 def has_opaque_xattr(target: str | int) -> bool:
     """Whether a directory (an fd, or a path that is never followed) is marked opaque."""
     for name in OPAQUE_XATTRS:

@@ -16,9 +16,10 @@ import pytest
 import zstandard
 
 from common.errors import StrataError
-from images.archive import OPAQUE_XATTR, apply_layer, produce_layer
+from images.archive import apply_layer, produce_layer
 from tests.store.helpers import TarBuilder, overlay, snapshot
 from tests.unionfs.support import mounted
+from unionfs.whiteout import OPAQUE_XATTR
 
 
 def apply_bytes(data: bytes, dest: Path, **kw: object) -> object:
