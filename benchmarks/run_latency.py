@@ -6,7 +6,7 @@ compare starting a container, not setting up a network.
 
     python -m benchmarks.run_latency [-n RUNS] [--format json]
 
-docker: a private dockerd (tests.support.dockerd, holding the machine-wide lock);
+docker: a private dockerd (benchmarks.dockerd, holding the machine-wide lock);
 podman: private storage and config in a temp dir. Everything is removed afterwards."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.dockerd import busybox_rootfs_tar, running_dockerd
+from .dockerd import busybox_rootfs_tar, running_dockerd
 
 BIN = Path(sys.executable).parent
 STRATA = str(BIN / "strata")

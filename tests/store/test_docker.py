@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
+from benchmarks.dockerd import Dockerd, busybox_rootfs_tar, running_dockerd
 from images import registry as client
 from images.archive import apply_layer
 from images.store import Store
 from tests.store.helpers import snapshot
 from tests.store.registry import running_registry
-from tests.support.dockerd import Dockerd, busybox_rootfs_tar, running_dockerd
 from tests.unionfs.support import mounted
 
 LAYER2 = (

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.dockerd import Dockerd, busybox_rootfs_tar, running_dockerd
 from common import kernel
-from tests.support.dockerd import Dockerd, busybox_rootfs_tar, running_dockerd
 from volumes.state import remove_tree
 
 from .conftest import Env, Service
