@@ -9,47 +9,40 @@ sits in the tar. Hostile entries are refused and the half-built tree removed:
 extraction happens in a temp dir next to the destination, renamed into place
 only when the whole stream was read and its digests matched.
 
-`produce_layer` walks an overlay upper dir and writes the OCI tar that, applied
-over the same lower layers, gives back the merged tree.
+The other direction, an upper dir to a layer tar, is `images.produce`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
 import gzip
 import io
 import os
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
 
-from common.dirwalk import O_DIR, DirStack
+from common.dirwalk import O_DIR
 from common.errors import StrataError
 from common.tree import remove_path
 from images.digest import DigestingReader, DigestingWriter
 from unionfs.whiteout import (
-    OPAQUE_MARKER,
-    has_opaque_xattr,
     is_marker,
     is_private_xattr,
     is_whiteout,
     make_whiteout,
     set_opaque,
     whited_out_name,
-    whiteout_marker,
 )
 
 # The marker formats are unionfs.whiteout's: every form read, the kernel's written.
-_REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
-_XATTR_PAX = "SCHILY.xattr."
+XATTR_PAX = "SCHILY.xattr."  # how a tar carries an xattr (PAX header)
 _CHUNK = 1 << 20
 _SPARSE_BLOCK = 64 << 10
 
@@ -88,7 +81,7 @@ def _decompressor(stream: BinaryIO, compression: str) -> BinaryIO:
     return stream
 
 
-def _q(name: str) -> str:
+def quoted(name: str) -> str:
     """A name as messages quote it: a tar can hold names of thousands of characters, and an
     error is one readable line."""
     return repr(name if len(name) <= 120 else f"{name[:50]}...{name[-50:]}")
@@ -97,12 +90,12 @@ def _q(name: str) -> str:
 def _parts(name: str, what: str) -> tuple[str, ...]:
     """Path components of a tar name relative to the layer root, refusing any escape."""
     if name.startswith("/"):
-        raise StrataError(f"layer refused: absolute path in {what} {_q(name)}")
+        raise StrataError(f"layer refused: absolute path in {what} {quoted(name)}")
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise StrataError(f"layer refused: '..' in {what} {_q(name)}")
+        raise StrataError(f"layer refused: '..' in {what} {quoted(name)}")
     if "\0" in name:
-        raise StrataError(f"layer refused: NUL byte in {what} {_q(name)}")
+        raise StrataError(f"layer refused: NUL byte in {what} {quoted(name)}")
     return parts
 
 
@@ -150,17 +143,17 @@ class _Extractor:
             known -= 1
         for i in range(known + 1, len(parts)):
             st = self._lstat(parts[:i])
-            parent = _q("/".join(parts[:i]))
+            parent = quoted("/".join(parts[:i]))
             if st is None:
                 if not create:
-                    raise StrataError(f"layer refused: {_q(name)}: {parent} does not exist")
+                    raise StrataError(f"layer refused: {quoted(name)}: {parent} does not exist")
                 os.mkdir(self.path(parts[:i]), 0o755)
                 self.dirs.add(parts[:i])
             elif stat.S_ISDIR(st.st_mode):
                 self.dirs.add(parts[:i])
             else:
                 kind = "symlink" if stat.S_ISLNK(st.st_mode) else "non-directory"
-                raise StrataError(f"layer refused: {_q(name)} goes through a {kind} {parent}")
+                raise StrataError(f"layer refused: {quoted(name)} goes through a {kind} {parent}")
 
     def _remove(self, parts: tuple[str, ...]) -> None:
         st = self._lstat(parts)
@@ -179,7 +172,7 @@ class _Extractor:
         parts = _parts(m.name, "entry")
         if not parts:
             if not m.isdir():
-                raise StrataError(f"layer refused: root entry {_q(m.name)} is not a directory")
+                raise StrataError(f"layer refused: root entry {quoted(m.name)} is not a directory")
             self._meta(self.root, m)
             self.dir_times[()] = m.mtime
             return
@@ -216,19 +209,19 @@ class _Extractor:
             os.symlink(m.linkname, target)
         elif m.ischr() or m.isblk():
             if not self.allow_devices:
-                raise StrataError(f"layer refused: device node {_q(m.name)} not allowed here")
+                raise StrataError(f"layer refused: device node {quoted(m.name)} not allowed here")
             kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
             os.mknod(target, kind | 0o600, os.makedev(m.devmajor, m.devminor))
         elif m.isfifo():
             os.mkfifo(target, 0o600)
         else:
-            raise StrataError(f"layer refused: unsupported tar entry type {m.type!r} for {_q(m.name)}")
+            raise StrataError(f"layer refused: unsupported tar entry type {m.type!r} for {quoted(m.name)}")
         self._meta(target, m)
         self._times(target, m.mtime)
 
     def _whiteout(self, hidden: tuple[str, ...], name: str) -> None:
         if not hidden[-1] or hidden[-1] in (".", ".."):
-            raise StrataError(f"layer refused: bad whiteout {_q(name)}")
+            raise StrataError(f"layer refused: bad whiteout {quoted(name)}")
         self.whiteouts.add(hidden)
         st = self._lstat(hidden)
         if st is None:
@@ -243,7 +236,7 @@ class _Extractor:
             # Refused before a byte is read: a 10 KiB sparse tar can declare terabytes.
             raise StrataError(
                 f"layer refused: its files declare more than {self.max_size} bytes "
-                f"(at {_q(m.name)}), the limit for a layer here"
+                f"(at {quoted(m.name)}), the limit for a layer here"
             )
         src = tar.extractfile(m)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -264,23 +257,24 @@ class _Extractor:
     def _hardlink(self, parts: tuple[str, ...], m: tarfile.TarInfo) -> None:
         src = _parts(m.linkname, "hard link target")
         if not src:
-            raise StrataError(f"layer refused: hard link {_q(m.name)} to the layer root")
+            raise StrataError(f"layer refused: hard link {quoted(m.name)} to the layer root")
         self.walk_parents(src, m.linkname, create=False)
         st = self._lstat(src)
         if st is None:
-            raise StrataError(f"layer refused: hard link {_q(m.name)} to {_q(m.linkname)}, not in this layer")
+            raise StrataError(
+                f"layer refused: hard link {quoted(m.name)} to {quoted(m.linkname)}, not in this layer")
         if stat.S_ISDIR(st.st_mode) or is_whiteout(st):
-            raise StrataError(f"layer refused: hard link {_q(m.name)} to a directory or whiteout")
+            raise StrataError(f"layer refused: hard link {quoted(m.name)} to a directory or whiteout")
         os.link(self.path(src), self.path(parts), follow_symlinks=False)
 
     def _meta(self, target: Path, m: tarfile.TarInfo) -> None:
         os.lchown(target, m.uid, m.gid)
         for key, value in m.pax_headers.items():
-            if not key.startswith(_XATTR_PAX):
+            if not key.startswith(XATTR_PAX):
                 continue
-            name = key[len(_XATTR_PAX) :]
+            name = key[len(XATTR_PAX) :]
             if is_private_xattr(name):
-                raise StrataError(f"layer refused: overlay-private xattr {name} on {_q(m.name)}")
+                raise StrataError(f"layer refused: overlay-private xattr {name} on {quoted(m.name)}")
             os.setxattr(target, name, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
         if not m.issym():
             os.chmod(target, m.mode & 0o7777)  # after chown, which clears set-id bits
@@ -294,7 +288,8 @@ class _Extractor:
         for parts in self.opaque:
             st = self._lstat(parts)
             if st is None or not stat.S_ISDIR(st.st_mode):
-                raise StrataError(f"layer refused: opaque marker in {_q('/'.join(parts))}, not a directory")
+                raise StrataError(
+                    f"layer refused: opaque marker in {quoted('/'.join(parts))}, not a directory")
             with self._dir_fd(parts) as fd:
                 set_opaque(fd)
         # Children change their parent's mtime: set directories' last, deepest first.
@@ -348,7 +343,7 @@ def apply_layer(
         except (tarfile.TarError, EOFError, zstandard.ZstdError) as e:
             raise StrataError(f"layer refused: not a valid layer tar: {e}") from None
         except OSError as e:
-            at = f"{_q(where)}: " if where else ""
+            at = f"{quoted(where)}: " if where else ""
             raise StrataError(f"layer refused: {at}{e.strerror or e}") from None
         diff_id = diff.verify(expected_diff_id, "layer (diff id)")
         source_digest = raw.verify(expected_digest, "layer blob")
@@ -389,298 +384,3 @@ class _Prefixed(io.RawIOBase):
         data = self._rest.read(len(buf))
         buf[: len(data)] = data
         return len(data)
-
-
-def _xattrs(path: str, follow_symlinks: bool = False) -> dict[str, bytes]:
-    """Every xattr of path, its last component not followed unless asked (see _fd_xattrs)."""
-    try:
-        names = os.listxattr(path, follow_symlinks=follow_symlinks)
-    except OSError:
-        return {}
-    out = {}
-    for name in names:
-        with contextlib.suppress(OSError):
-            out[name] = os.getxattr(path, name, follow_symlinks=follow_symlinks)
-    return out
-
-
-def _fd_xattrs(fd: int) -> dict[str, bytes]:
-    """Every xattr of the inode an fd holds, an O_PATH one included (even a symlink's:
-    /proc/self/fd/N leads to that inode and no further)."""
-    return _xattrs(f"/proc/self/fd/{fd}", follow_symlinks=True)
-
-
-def _is_opaque(path: str) -> bool:
-    """Every opaque-directory form of a lower dir (the xattrs, the OCI marker file)."""
-    return has_opaque_xattr(path) or os.path.lexists(os.path.join(path, OPAQUE_MARKER))
-
-
-def _hidden_by(names: Iterable[str]) -> set[str]:
-    """The names the OCI whiteout files among names hide (the opaque marker hides none)."""
-    return {hidden for n in names if is_marker(n) and (hidden := whited_out_name(n)) is not None}
-
-
-def _reader(path: str, follow: bool) -> Callable[[], BinaryIO]:
-    """What opens path for reading when called: its last component not followed, unless it
-    is a /proc/self/fd/N, which must be followed to reach the inode N holds."""
-    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-
-    def read() -> BinaryIO:
-        return os.fdopen(os.open(path, flags), "rb")
-
-    return read
-
-
-def _marker(name: str, st: os.stat_result) -> tarfile.TarInfo:
-    """An empty OCI whiteout / opaque marker entry."""
-    info = tarfile.TarInfo(name)
-    info.mtime, info.mode, info.uname, info.gname = int(st.st_mtime), 0o600, "", ""
-    return info
-
-
-# What a rename or removal under a walk makes it meet.
-_CHANGED = (errno.ENOENT, errno.ESTALE, errno.ENOTDIR, errno.ELOOP)
-
-
-@dataclass
-class _Frame:
-    """A directory being written: `rel` its name in the tar ("" or ending in "/"); `upper`
-    whether it is the upper's directory the DirStack stands in (else it shows lower content
-    only); `lower_rel` where it shows in the lower stack; `merged` whether it is inside a
-    renamed dir (written with everything it shows); `todo` its names still to write, last
-    first; `in_upper` the upper's names; `lower` the lower entries it shows (when merged)."""
-
-    rel: str
-    upper: bool
-    lower_rel: str
-    merged: bool
-    todo: list[str]
-    in_upper: set[str]
-    lower: dict[str, str]
-
-
-class _Producer:
-    """Writes the entries of an upper dir, and, below a directory the kernel renamed
-    (`redirect_dir=on`), the full merged content that directory shows.
-
-    The upper may be a running container's, as deep as it likes and changing meanwhile, so
-    it is read anchored: a stack of frames instead of recursion, every entry opened with
-    O_PATH|O_NOFOLLOW from its directory's fd (the entry's type, metadata, data, link target
-    and xattrs all come from that one open inode), every directory entered through a
-    DirStack. A concurrent rename can make the walk fail; it can never make it read a file
-    through a symlink or outside the upper. The lower layers are the store's own, immutable,
-    and read by path."""
-
-    def __init__(self, tar: tarfile.TarFile, lowers: Sequence[Path], dirs: DirStack) -> None:
-        self.tar = tar
-        self.lowers = [str(p) for p in lowers]
-        self.seen_inodes: dict[tuple[int, int], str] = {}
-        self.dirs = dirs
-        self.current = ""  # the entry being written, for messages
-
-    def _info(self, rel: str, st: os.stat_result, xattrs: dict[str, bytes]) -> tarfile.TarInfo:
-        info = tarfile.TarInfo(rel)
-        info.mode = stat.S_IMODE(st.st_mode)
-        info.uid, info.gid = st.st_uid, st.st_gid
-        info.uname = info.gname = ""
-        info.mtime = int(st.st_mtime)
-        info.pax_headers = {
-            _XATTR_PAX + name: value.decode("utf-8", "surrogateescape")
-            for name, value in xattrs.items()
-            if not is_private_xattr(name)
-        }
-        return info
-
-    def _non_dir(
-        self, rel: str, st: os.stat_result, xattrs: dict[str, bytes],
-        data: Callable[[], BinaryIO], link: Callable[[], str],
-    ) -> None:
-        """One entry that is not a directory; `data` opens a regular file's content, `link`
-        reads a symlink's target, both from the inode `st` describes."""
-        info = self._info(rel, st, xattrs)
-        mode = st.st_mode
-        key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and key in self.seen_inodes:
-            info.type, info.linkname = tarfile.LNKTYPE, self.seen_inodes[key]
-            self.tar.addfile(info)
-            return
-        self.seen_inodes[key] = rel
-        if stat.S_ISREG(mode):
-            info.size = st.st_size
-            with data() as f:
-                self.tar.addfile(info, f)
-            return
-        if stat.S_ISLNK(mode):
-            info.type, info.linkname = tarfile.SYMTYPE, link()
-        elif stat.S_ISFIFO(mode):
-            info.type = tarfile.FIFOTYPE
-        else:
-            info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
-            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        self.tar.addfile(info)
-
-    def _dir(self, rel: str, st: os.stat_result, xattrs: dict[str, bytes], opaque: bool) -> None:
-        info = self._info(rel + "/", st, xattrs)
-        info.type = tarfile.DIRTYPE
-        self.tar.addfile(info)
-        if opaque:
-            self.tar.addfile(_marker(f"{rel}/{OPAQUE_MARKER}", st))
-
-    def _lower_dirs(self, lower_rel: str) -> list[str]:
-        """The lower dirs, top first, whose entries show at lower_rel in the lower stack."""
-        parts = [p for p in lower_rel.split("/") if p]
-        out: list[str] = []
-        for layer in self.lowers:
-            path, cut = layer, False
-            for i, part in enumerate(parts):
-                if os.path.lexists(os.path.join(path, whiteout_marker(part))):
-                    return out
-                path = os.path.join(path, part)
-                try:
-                    st = os.lstat(path)
-                except FileNotFoundError:
-                    path = ""
-                    break
-                if not stat.S_ISDIR(st.st_mode):
-                    return out  # a whiteout or a file hides everything below it
-                cut = cut or (i < len(parts) - 1 and _is_opaque(path))
-            if path:
-                out.append(path)
-                if _is_opaque(path):
-                    return out
-            if cut:
-                return out
-        return out
-
-    def _lower_children(self, lower_rel: str) -> dict[str, str]:
-        found: dict[str, str] = {}
-        hidden: set[str] = set()
-        for d in self._lower_dirs(lower_rel):
-            for name in os.listdir(d):
-                if name in found or name in hidden:
-                    continue
-                if is_marker(name):
-                    hidden |= _hidden_by([name])
-                    continue
-                if is_whiteout(os.lstat(os.path.join(d, name))):
-                    hidden.add(name)
-                else:
-                    found[name] = os.path.join(d, name)
-        return {k: v for k, v in found.items() if k not in hidden}
-
-    def _frame(self, rel: str, upper: bool, lower_rel: str, merged: bool) -> _Frame:
-        """A directory's frame. Not merged: the upper's own entries, markers as OCI
-        whiteouts. Merged (inside a renamed dir, written opaque): everything the directory
-        shows, upper entries over those of the lower dir at lower_rel."""
-        in_upper = set(os.listdir(self.dirs.fd())) if upper else set()
-        lower = self._lower_children(lower_rel) if merged else {}
-        hidden = _hidden_by(in_upper) if merged else set()
-        todo = sorted((in_upper | set(lower)) - hidden - {OPAQUE_MARKER}, reverse=True)
-        return _Frame(rel, upper, lower_rel, merged, todo, in_upper, lower)
-
-    def run(self) -> None:
-        """Write everything, depth first, each directory's names sorted."""
-        frames = [self._frame("", True, "", merged=False)]
-        while frames:
-            f = frames[-1]
-            if not f.todo:
-                frames.pop()
-                if f.upper and frames:
-                    self.dirs.pop()
-                continue
-            name = f.todo.pop()
-            rel, child_lower = f"{f.rel}{name}", f"{f.lower_rel}/{name}"
-            self.current = rel
-            if name in f.in_upper:
-                child = self._upper_entry(f, name, rel, child_lower)
-            else:
-                child = self._lower_entry(rel, f.lower[name], child_lower)
-            if child is not None:
-                frames.append(child)
-
-    def _upper_entry(self, f: _Frame, name: str, rel: str, child_lower: str) -> _Frame | None:
-        """Write one entry of the upper's current directory; the frame to enter if it is one."""
-        cur = self.dirs.fd()
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
-        try:
-            st = os.fstat(fd)
-            if is_whiteout(st) or (f.merged and is_marker(name)):
-                if not f.merged:
-                    self.tar.addfile(_marker(f"{f.rel}{whiteout_marker(name)}", st))
-                return None
-            if stat.S_ISSOCK(st.st_mode):
-                return None
-            if not stat.S_ISDIR(st.st_mode):
-                # Reopened through /proc: the very inode fstat'ed, whatever the name is now.
-                self._non_dir(
-                    rel, st, _fd_xattrs(fd),
-                    _reader(f"/proc/self/fd/{fd}", follow=True),
-                    functools.partial(os.readlink, "", dir_fd=fd),
-                )
-                return None
-        finally:
-            os.close(fd)
-        entered = self.dirs.push(name)
-        if (entered.st_dev, entered.st_ino) != (st.st_dev, st.st_ino):
-            raise OSError(errno.ESTALE, "replaced while being read")
-        xa = _fd_xattrs(self.dirs.fd())
-        redirect = next((xa[n] for n in _REDIRECT_XATTRS if n in xa), None)
-        opaque = has_opaque_xattr(self.dirs.fd())
-        if not opaque:
-            with contextlib.suppress(FileNotFoundError):
-                os.lstat(OPAQUE_MARKER, dir_fd=self.dirs.fd())
-                opaque = True
-        if redirect is not None and not opaque:
-            if not self.lowers:
-                raise StrataError(f"cannot make a layer of {_q(rel)}: a renamed lower dir (give its lowers)")
-            # Absolute: from the root of the stack; relative: a sibling in the lower parent.
-            target = os.fsdecode(redirect)
-            origin = target if target.startswith("/") else f"{f.lower_rel}/{target}"
-            self._dir(rel, st, xa, opaque=True)
-            return self._frame(rel + "/", True, origin.strip("/"), merged=True)
-        self._dir(rel, st, xa, opaque=opaque and not f.merged)
-        return self._frame(rel + "/", True, child_lower.strip("/"), merged=f.merged and not opaque)
-
-    def _lower_entry(self, rel: str, path: str, lower_rel: str) -> _Frame | None:
-        """A lower entry inside a renamed dir: written out with everything it shows."""
-        st = os.lstat(path)
-        if stat.S_ISSOCK(st.st_mode):
-            return None
-        if not stat.S_ISDIR(st.st_mode):
-            self._non_dir(
-                rel, st, _xattrs(path),
-                _reader(path, follow=False), functools.partial(os.readlink, path),
-            )
-            return None
-        self._dir(rel, st, _xattrs(path), opaque=False)
-        return self._frame(rel + "/", False, lower_rel.strip("/"), merged=True)
-
-
-def produce_layer(upper: Path, out: BinaryIO, lowers: Sequence[Path] = ()) -> str:
-    """Write the OCI layer tar of an overlay upper dir to `out`; return its DiffID.
-
-    Whiteout devices become `.wh.NAME`, opaque dirs get a `.wh..wh..opq` entry, hard links
-    inside the upper stay links. A directory the kernel renamed (a redirect xattr) is written
-    opaque with its whole merged content, read through `lowers` (top first, as `lowerdir`).
-    Entries are sorted and owner names left out, so the same upper always gives the same tar
-    (and DiffID). Sockets are skipped, as docker does. The upper is read anchored (_Producer):
-    one that changes meanwhile may make this fail, with a one-line StrataError."""
-    writer = DigestingWriter(out)
-    try:
-        top = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise StrataError(f"cannot make a layer of {upper}: {e.strerror}") from None
-    producer = None
-    try:
-        with DirStack(top) as dirs, tarfile.open(  # type: ignore[call-overload]
-            fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT
-        ) as tar:
-            producer = _Producer(tar, lowers, dirs)
-            producer.run()
-    except OSError as e:
-        at = f" at {_q(producer.current)}" if producer and producer.current else ""
-        hint = " (changed while being read)" if e.errno in _CHANGED else ""
-        raise StrataError(f"cannot make a layer of {upper}{at}: {e.strerror or e}{hint}") from None
-    finally:
-        os.close(top)
-    return writer.digest()

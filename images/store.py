@@ -39,8 +39,9 @@ from common.parsing import load_json, parse_size
 from common.paths import STATE_ROOT_MODE, private_dir, state_root
 from common.tree import remove_path
 from images import reference
-from images.archive import apply_layer, produce_layer
+from images.archive import apply_layer
 from images.digest import DIGEST_RE, chain_id, chain_ids, check_digest, sha256_bytes
+from images.produce import produce_layer
 
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -16,7 +16,8 @@ import pytest
 import zstandard
 
 from common.errors import StrataError
-from images.archive import apply_layer, produce_layer
+from images.archive import apply_layer
+from images.produce import produce_layer
 from tests.store.helpers import TarBuilder, overlay, snapshot
 from tests.unionfs.support import mounted
 from unionfs.whiteout import OPAQUE_XATTR

@@ -28,8 +28,9 @@ from common.parsing import MAX_JSON_DEPTH
 from common.tree import remove_path
 from images import formats
 from images import registry as client
-from images.archive import apply_layer, produce_layer
+from images.archive import apply_layer
 from images.digest import sha256_bytes
+from images.produce import produce_layer
 from images.store import LayerSource, Store
 from tests.store.helpers import TarBuilder, as_nobody, deep_tar, depth_of, make_deep, reachable_dir
 
