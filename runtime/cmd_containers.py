@@ -1,7 +1,8 @@
 """Container commands, docker's verbs and flags: create, start, run, ps, logs, exec,
 stop, kill, rm, wait, inspect, diff, commit, export, top, pause, unpause, and
-`strata system prune`. Thin: parsing and presentation here, the work in
-runtime.containers."""
+`strata system prune`. Thin: parsing and presentation here, the work in the
+runtime's verb modules (create, monitor, execute, stop, pause, remove, layer,
+inspection, prune) over runtime.containers."""
 
 from __future__ import annotations
 
@@ -11,13 +12,20 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from common.errors import StrataError
 from common.parsing import parse_size
-from runtime.containers import Container, RunOptions, Runtime
+from runtime import inspection, layer, pause, prune, remove, stop
+from runtime.attach import read_log
+from runtime.containers import Container, Runtime
+from runtime.create import STORAGE_DRIVERS, RunOptions, create
+from runtime.execute import execute
+from runtime.monitor import start
 from runtime.output import print_json, print_table
-from runtime.process import StartError, read_log
+from runtime.process import StartError
+from runtime.record import Status
 
 
 def parse_signal(text: str) -> int:
@@ -48,19 +56,18 @@ def _options(args: argparse.Namespace) -> RunOptions:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    print(_rt(args).create(_options(args)).id)
+    print(create(_rt(args), _options(args)).id)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    rt = _rt(args)
-    c = rt.create(_options(args))
+    c = create(_rt(args), _options(args))
     if args.detach:
-        rt.start(c, attach=False)
+        start(c, attach=False)
         print(c.id)
         return 0
     try:
-        return rt.start(c, attach=True)
+        return start(c, attach=True)
     except StartError as e:
         print(f"strata: {e}", file=sys.stderr)
         return e.code
@@ -72,21 +79,20 @@ def cmd_start(args: argparse.Namespace) -> int:
     for ref in args.containers:
         c = rt.get(ref)
         if args.attach:
-            code = rt.start(c, attach=True)
+            code = start(c, attach=True)
         else:
-            rt.start(c, attach=False)
+            start(c, attach=False)
             print(ref)
     return code
 
 
-def _status_text(c: Container) -> str:
-    status = c.status()
-    st = c.state
-    if status in ("running", "paused"):
-        text = f"Up {_ago(st['StartedAt'])}"
-        return text + " (Paused)" if status == "paused" else text
-    if status == "exited":
-        return f"Exited ({st['ExitCode']}) {_ago(st['FinishedAt'])} ago" if st["FinishedAt"] else "Exited"
+def _status_text(c: Container, status: Status) -> str:
+    st = c.record.state
+    if status.is_up():
+        text = f"Up {_ago(st.started_at)}"
+        return text + " (Paused)" if status is Status.PAUSED else text
+    if status is Status.EXITED:
+        return f"Exited ({st.exit_code}) {_ago(st.finished_at)} ago" if st.finished_at else "Exited"
     return status.capitalize()
 
 
@@ -104,7 +110,7 @@ def _ago(when: str) -> str:
 
 
 def _command(c: Container) -> str:
-    text = " ".join([c.rec["Path"], *c.rec["Args"]])
+    text = " ".join(c.record.argv)
     return json.dumps(text if len(text) <= 30 else text[:29] + "…", ensure_ascii=False)
 
 
@@ -112,12 +118,13 @@ def cmd_ps(args: argparse.Namespace) -> int:
     rows = []
     for c in _rt(args).all():
         status = c.status()
-        if not args.all and status not in ("running", "paused"):
+        if not args.all and not status.is_up():
             continue
-        ports = ", ".join(f"127.0.0.1:{h}->{p}/tcp" for h, p in c.rec["HostConfig"]["PortBindings"])
-        rows.append({"ID": c.id, "Image": c.rec["Config"]["Image"], "Command": _command(c),
-                     "Created": c.rec["Created"], "State": status, "Status": _status_text(c),
-                     "Ports": ports, "Names": c.name, "IPAddress": c.rec["NetworkSettings"]["IPAddress"]})
+        ports = ", ".join(f"127.0.0.1:{p.host}->{p.container}/tcp"
+                          for p in c.record.host_config.port_bindings)
+        rows.append({"ID": c.id, "Image": c.record.config.image, "Command": _command(c),
+                     "Created": c.record.created, "State": str(status), "Status": _status_text(c, status),
+                     "Ports": ports, "Names": c.name, "IPAddress": c.record.network.ip_address})
     if args.quiet:
         for r in rows:
             print(r["ID"][:12])
@@ -135,7 +142,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     c = rt.get(args.container)
 
     def running() -> bool:
-        return c.reload().status() in ("running", "paused", "starting")
+        return c.reload().status().is_monitored()
 
     for stream, data in read_log(c.log_path, running if args.follow else None):
         out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
@@ -145,20 +152,18 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    rt = _rt(args)
-    c = rt.get(args.container)
-    opts = RunOptions(image="", env=args.env, workdir=args.workdir, user=args.user, tty=args.tty,
-                      interactive=args.interactive)
-    return rt.exec(c, [args.cmd, *args.args], opts)
+    c = _rt(args).get(args.container)
+    return execute(c, [args.cmd, *args.args], env=args.env, workdir=args.workdir, user=args.user,
+                   tty=args.tty, interactive=args.interactive)
 
 
-def _each(args: argparse.Namespace, verb: str, action: Any) -> int:
+def _each(args: argparse.Namespace, verb: str, action: Callable[[Container], None]) -> int:
     """Apply action to every container named, docker style: report failures, go on."""
     rt = _rt(args)
     failed = False
     for ref in args.containers:
         try:
-            action(rt, rt.get(ref))
+            action(rt.get(ref))
             print(ref)
         except StrataError as e:
             print(f"strata: {verb} {ref}: {e}", file=sys.stderr)
@@ -167,50 +172,41 @@ def _each(args: argparse.Namespace, verb: str, action: Any) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    return _each(args, "stop", lambda rt, c: rt.stop(c, args.time))
+    return _each(args, "stop", lambda c: stop.stop(c, args.time))
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
     sig = parse_signal(args.signal)
-    return _each(args, "kill", lambda rt, c: rt.kill(c, sig))
+    return _each(args, "kill", lambda c: stop.kill(c, sig))
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    return _each(args, "rm", lambda rt, c: rt.remove(c, args.force))
+    return _each(args, "rm", lambda c: remove.remove(c, args.force))
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    return _each(args, "pause", lambda rt, c: rt.pause(c))
+    return _each(args, "pause", pause.pause)
 
 
 def cmd_unpause(args: argparse.Namespace) -> int:
-    return _each(args, "unpause", lambda rt, c: rt.unpause(c))
+    return _each(args, "unpause", pause.unpause)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     rt = _rt(args)
     for ref in args.containers:
-        print(rt.wait(rt.get(ref)))
+        print(stop.wait(rt.get(ref)))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     rt = _rt(args)
-    out = []
-    for ref in args.containers:
-        c = rt.get(ref)
-        rec = dict(c.rec)
-        status = c.status()
-        rec["State"] = {**c.state, "Status": status, "Running": status in ("running", "paused"),
-                        "Paused": status == "paused"}
-        out.append(rec)
-    print_json(out)
+    print_json([inspection.inspect(rt.get(ref)) for ref in args.containers])
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    rt = _rt(args)
-    for kind, path in rt.diff(rt.get(args.container)):
+    for kind, path in layer.diff(_rt(args).get(args.container)):
         print(f"{kind} {path}")
     return 0
 
@@ -237,40 +233,37 @@ def _changes(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    rt = _rt(args)
-    c = rt.get(args.container)
+    c = _rt(args).get(args.container)
     changes = _changes(args.change)
     if "Env" in changes:
         keys = {e.split("=", 1)[0] for e in changes["Env"]}
-        kept = [e for e in c.rec["Config"]["Env"] if e.split("=", 1)[0] not in keys]
+        kept = [e for e in c.record.config.env if e.split("=", 1)[0] not in keys]
         changes["Env"] = kept + changes["Env"]
-    print(rt.commit(c, args.reference, args.message, args.author, changes, pause=args.pause == "true"))
+    print(layer.commit(c, args.reference, args.message, args.author, changes, pause=args.pause == "true"))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    rt = _rt(args)
-    c = rt.get(args.container)
+    c = _rt(args).get(args.container)
     if args.output:
         tmp = f"{args.output}.part"
         with open(tmp, "wb") as f:
-            rt.export(c, f)
+            layer.export(c, f)
         os.rename(tmp, args.output)
     else:
         if sys.stdout.isatty():
             raise StrataError("refusing to write a tar to a terminal: use -o FILE or redirect")
-        rt.export(c, sys.stdout.buffer)
+        layer.export(c, sys.stdout.buffer)
     return 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    rt = _rt(args)
-    print_table(["PID", "UID", "CMD"], rt.top(rt.get(args.container)))
+    print_table(["PID", "UID", "CMD"], inspection.top(_rt(args).get(args.container)))
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    for line in _rt(args).prune():
+    for line in prune.prune(_rt(args)):
         print(line)
     return 0
 
@@ -301,7 +294,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dns", action="append", default=[], help="DNS server for /etc/resolv.conf")
     p.add_argument("--add-host", action="append", default=[], metavar="HOST:IP",
                    help="add a line to /etc/hosts")
-    p.add_argument("--storage-driver", default="strata-unionfs", choices=["strata-unionfs", "overlay"],
+    p.add_argument("--storage-driver", default=STORAGE_DRIVERS[0], choices=list(STORAGE_DRIVERS),
                    help="rootfs through strata-unionfs (default) or the kernel's overlayfs")
     p.add_argument("--privileged", action="store_true",
                    help="all capabilities and host devices, no seccomp, no masked or read-only paths")

@@ -64,12 +64,26 @@ class Device:
         return Rule(self.kind, self.major, self.minor, self.access)
 
 
+@dataclass(frozen=True)
+class Mapping:
+    """A `--device` as given: the host node, where it appears, the access (docker's
+    HostConfig.Devices entry). Resolved to a Device when the container starts, since
+    a node's numbers may change in between."""
+
+    host: str
+    container: str
+    access: str = "rwm"
+
+    def resolve(self) -> Device:
+        return resolve(self.host, self.container, self.access)
+
+
 def _valid_access(text: str) -> bool:
     return bool(text) and set(text) <= set("rwm") and len(set(text)) == len(text)
 
 
-def parse(spec: str) -> dict[str, str]:
-    """`--device /dev/x[:/dev/y][:rwm]` as docker records it in HostConfig.Devices."""
+def parse(spec: str) -> Mapping:
+    """`--device /dev/x[:/dev/y][:rwm]`; the host node must exist now."""
     parts = spec.split(":")
     src, dst, access = parts[0], "", "rwm"
     if len(parts) == 3:
@@ -86,8 +100,9 @@ def parse(spec: str) -> dict[str, str]:
         raise StrataError(f"invalid device specification {spec!r}: paths must be absolute")
     if not _valid_access(access):
         raise StrataError(f"invalid device permissions {access!r} in {spec!r}: use r, w and m")
-    resolve(src, dst, access)
-    return {"PathOnHost": src, "PathInContainer": dst, "CgroupPermissions": access}
+    mapping = Mapping(src, dst, access)
+    mapping.resolve()
+    return mapping
 
 
 def resolve(host: str, path: str, access: str = "rwm") -> Device:

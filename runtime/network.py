@@ -62,9 +62,15 @@ class Port:
 
 
 def check_mode(mode: str) -> str:
-    if mode in MODES or (mode.startswith("container:") and len(mode) > len("container:")):
+    if mode in MODES or joined_container(mode):
         return mode
     raise StrataError(f"invalid --network {mode!r}: expected none, host, bridge or container:NAME")
+
+
+def joined_container(mode: str) -> str | None:
+    """NAME of `--network container:NAME`: the container whose network namespace is joined."""
+    kind, sep, name = mode.partition(":")
+    return name if kind == "container" and sep and name else None
 
 
 def veth_names(container_id: str) -> tuple[str, str]:

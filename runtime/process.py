@@ -1,6 +1,7 @@
 """Processes in containers: starting one inside namespaces (a container's first
-process, or `exec` joining a running one), and carrying its output to the log and
-to an attached terminal.
+process, or `exec` joining a running one) as a user of the container's own, and
+knowing a process again later (pid plus start time). runtime.attach carries its
+stdio once it runs.
 
 Starting is two forks. The helper enters the namespaces (unshare for a new
 container, setns for exec) and reports in; the parent then does what needs the
@@ -14,20 +15,14 @@ the exec happened."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import json
 import os
-import selectors
 import signal
 import sys
 import termios
-import time
-import tty
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from common.errors import StrataError
 from runtime import capabilities
@@ -103,6 +98,15 @@ def resolve_user(user: str) -> tuple[int, int, list[int], str]:
             raise StrataError(f"unable to find group {group}: no matching entries in group file")
     extra = sorted({int(e[2]) for e in groups if len(e) >= 4 and uname and uname in e[3].split(",")})
     return uid, gid, extra, home
+
+
+def merge_env(env: Iterable[str], overrides: Iterable[str]) -> list[str]:
+    """env with each KEY=VALUE of overrides replacing any entry of the same KEY (appended last)."""
+    out = list(env)
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        out = [x for x in out if x.split("=", 1)[0] != key] + [item]
+    return out
 
 
 def _env_with_defaults(env: list[str], home: str) -> dict[str, str]:
@@ -253,198 +257,6 @@ def spawn(
     finally:
         for fd in (ready_r, go_w, err_r):
             os.close(fd)
-
-
-# --- output: the log and the attached terminal -------------------------------------------
-
-
-class LogWriter:
-    """docker's json-file format, one JSON object per line of output: {"log", "stream",
-    "time"}. Bytes that are not UTF-8 survive through surrogate escapes."""
-
-    def __init__(self, path: Path) -> None:
-        self.file: BinaryIO = open(path, "ab")  # noqa: SIM115 - closed by close()
-        self.partial: dict[str, bytes] = {}
-
-    def write(self, stream: str, data: bytes) -> None:
-        buf = self.partial.get(stream, b"") + data
-        *lines, rest = buf.split(b"\n")
-        for line in lines:
-            self._emit(stream, line + b"\n")
-        self.partial[stream] = rest
-        self.file.flush()
-
-    def _emit(self, stream: str, line: bytes) -> None:
-        now = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"
-        rec = {"log": line.decode(errors="surrogateescape"), "stream": stream, "time": now}
-        self.file.write(json.dumps(rec).encode() + b"\n")
-
-    def close(self) -> None:
-        for stream, rest in self.partial.items():
-            if rest:
-                self._emit(stream, rest)
-        self.partial.clear()
-        self.file.close()
-
-
-def read_log(path: Path, follow: Callable[[], bool] | None = None) -> Iterator[tuple[str, bytes]]:
-    """(stream, bytes) records of a container log; with `follow`, keeps reading while
-    follow() says the container still runs."""
-    try:
-        f = open(path, "rb")  # noqa: SIM115
-    except FileNotFoundError:
-        return
-    with f:
-        pending = b""
-        while True:
-            chunk = f.readline()
-            if chunk:
-                pending += chunk
-                if pending.endswith(b"\n"):
-                    rec = json.loads(pending)
-                    pending = b""
-                    yield rec["stream"], rec["log"].encode(errors="surrogateescape")
-                continue
-            if follow is None or not follow():
-                if follow is not None:  # one last pass: what was written before the exit
-                    follow = None
-                    continue
-                return
-            time.sleep(0.1)
-
-
-Callback = Callable[[int], None]
-
-
-@dataclass
-class Pump:
-    """A select loop carrying a container's output to the log and the attached terminal and
-    the terminal's input to it. Other users (port publishing) register their own fds."""
-
-    log: LogWriter | None = None
-    attached: bool = False
-    selector: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)
-    open_outputs: int = 0
-
-    def add_output(self, fd: int, stream: str) -> None:
-        os.set_blocking(fd, False)
-        self.open_outputs += 1
-        target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-
-        def on_data(fd: int) -> None:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError as e:  # a pty master reads EIO once the last slave closes
-                if e.errno != errno.EIO:
-                    raise
-                data = b""
-            if not data:
-                self.selector.unregister(fd)
-                os.close(fd)
-                self.open_outputs -= 1
-                return
-            if self.log is not None:
-                self.log.write(stream, data)
-            if self.attached:
-                with contextlib.suppress(OSError):
-                    target.write(data)
-                    target.flush()
-
-        self.selector.register(fd, selectors.EVENT_READ, on_data)
-
-    def add_input(self, src: int, dst: int, close_dst: bool) -> None:
-        """Copy src (our stdin) to dst (the container's); at EOF close dst unless it is a pty."""
-
-        def on_input(fd: int) -> None:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:
-                data = b""
-            if not data:
-                self.selector.unregister(fd)
-                if close_dst:
-                    with contextlib.suppress(OSError):
-                        os.close(dst)
-                return
-            with contextlib.suppress(OSError):
-                os.write(dst, data)
-
-        self.selector.register(src, selectors.EVENT_READ, on_input)
-
-    def run(self, helper: int, linger: float = 1.0) -> int:
-        """Serve until the helper exits and its output is drained (or lingers idle); returns
-        the exit code."""
-        pidfd = os.pidfd_open(helper)
-        status: list[int] = []
-
-        def on_exit(fd: int) -> None:
-            self.selector.unregister(fd)
-            os.close(fd)
-            status.append(exit_code(os.waitpid(helper, 0)[1]))
-
-        self.selector.register(pidfd, selectors.EVENT_READ, on_exit)
-        while not status or self.open_outputs:
-            events = self.selector.select(timeout=linger if status else None)
-            if not events and status:
-                break
-            for key, _ in events:
-                key.data(key.fd)
-        return status[0]
-
-
-Stdio = tuple[tuple[int, int, int], list[int], dict[int, str], int | None]
-
-
-def make_stdio(tty_mode: bool, stdin: bool, keep_stdin_open: bool) -> Stdio:
-    """The container's stdio: (its three fds, fds to close after spawn, our output fds with
-    their stream, our fd writing its stdin)."""
-    if tty_mode:
-        master, slave = os.openpty()
-        if sys.stdin.isatty():
-            with contextlib.suppress(OSError):
-                size = fcntl.ioctl(sys.stdin.fileno(), termios.TIOCGWINSZ, b"\0" * 8)
-                fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
-        writer = master if (stdin or keep_stdin_open) else None
-        return (slave, slave, slave), [slave], {master: "stdout"}, writer
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    close = [out_w, err_w]
-    if stdin or keep_stdin_open:
-        in_r, in_w = os.pipe()
-        close.append(in_r)
-        stdin_fd, writer = in_r, in_w
-    else:
-        stdin_fd, writer = os.open(os.devnull, os.O_RDONLY), None
-        close.append(stdin_fd)
-    return (stdin_fd, out_w, err_w), close, {out_r: "stdout", err_r: "stderr"}, writer
-
-
-@contextlib.contextmanager
-def raw_terminal(enabled: bool) -> Iterator[None]:
-    """Our terminal in raw mode while attached to a container's tty (keys go to it as-is)."""
-    if not enabled or not sys.stdin.isatty():
-        yield
-        return
-    fd = sys.stdin.fileno()
-    saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
-def forward_signals(pid: int) -> None:
-    """docker's sig-proxy: signals the attached CLI gets go to the container's process."""
-
-    def handler(sig: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, handler)
 
 
 def start_time(pid: int) -> int | None:
