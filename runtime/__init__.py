@@ -17,4 +17,5 @@ setns, pivot_root by ctypes), `process` (starting processes in namespaces),
 published ports), `mounts` (volumes from the volume manager, plugins or host
 paths), and the confinement: `capabilities`, `devices` (the device allow-list, a
 BPF device program on cgroup v2) and `seccomp` (docker's default profile via
-libseccomp). The `cmd_*` modules are the thin CLI over them and the image store."""
+libseccomp). `cli` builds the `strata` parser from the `cmd_*` modules' command
+tables (`commands`)."""

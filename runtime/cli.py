@@ -1,6 +1,7 @@
-"""`strata`: the docker-like command line. Thin: each command group lives in a
-`cmd_*` module with a `register(subparsers)` that sets `func` on its parsers;
-this module only parses, dispatches and turns StrataError into one line."""
+"""`strata`: the docker-like command line. Thin: each command group lists its
+commands in a `cmd_*` module's COMMANDS table (runtime.commands); this module
+builds the parser from those tables, dispatches, and turns StrataError into one
+line. The table's order is only the order `--help` lists commands in."""
 
 from __future__ import annotations
 
@@ -9,19 +10,33 @@ import sys
 from collections.abc import Sequence
 
 from common.errors import StrataError
+from runtime import cmd_containers, cmd_images, cmd_volumes
+from runtime.commands import GROUPS, Command
 
-# Each module registers its verbs; add a group by adding its module here.
-COMMAND_MODULES: list[str] = ["runtime.cmd_volumes", "runtime.cmd_images", "runtime.cmd_containers"]
+TABLE: list[Command] = [*cmd_volumes.COMMANDS, *cmd_images.COMMANDS, *cmd_containers.COMMANDS]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
+def build_parser(table: Sequence[Command] = TABLE) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description="containers on a Python storage stack")
     parser.add_argument("--root", help="state root (default $STRATA_ROOT or /var/lib/strata)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    for cmd in table:
+        *group, name = cmd.words
+        sub = top
+        if group:
+            (g,) = group
+            if g not in groups:
+                info = GROUPS[g]
+                gp = top.add_parser(g, help=info.help, description=info.description)
+                groups[g] = gp.add_subparsers(dest=f"{g}_command", metavar="COMMAND", required=True)
+            sub = groups[g]
+        p = sub.add_parser(name, help=cmd.help, aliases=list(cmd.aliases), add_help=cmd.add_help,
+                           description=cmd.help if cmd.description is None else cmd.description)
+        if not cmd.add_help:
+            p.add_argument("--help", action="help")
+        cmd.arguments(p)
+        p.set_defaults(func=cmd.run)
     return parser
 
 

@@ -19,6 +19,7 @@ from common.errors import StrataError
 from common.parsing import parse_size
 from runtime import inspection, layer, pause, prune, remove, stop
 from runtime.attach import read_log
+from runtime.commands import Command
 from runtime.containers import Container, Runtime
 from runtime.create import STORAGE_DRIVERS, RunOptions, create
 from runtime.execute import execute
@@ -314,30 +315,28 @@ def _containers(p: argparse.ArgumentParser) -> None:
     p.add_argument("containers", nargs="+", metavar="CONTAINER")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    def add(name: str, help_: str, func: Any, **kw: Any) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = subparsers.add_parser(name, help=help_, description=help_, **kw)
-        p.set_defaults(func=func)
-        return p
-
-    p = add("create", "create a container", cmd_create, add_help=False)
-    p.add_argument("--help", action="help")
-    _run_flags(p)
-    p = add("run", "create and start a container", cmd_run, add_help=False)
-    p.add_argument("--help", action="help")
+def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--detach", action="store_true", help="run in the background, print the id")
     _run_flags(p)
-    p = add("start", "start created or stopped containers", cmd_start)
+
+
+def _start_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-a", "--attach", action="store_true", help="attach output and wait for the exit")
     _containers(p)
-    p = add("ps", "list containers", cmd_ps)
+
+
+def _ps_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-a", "--all", action="store_true", help="also stopped ones")
     p.add_argument("-q", "--quiet", action="store_true", help="only ids")
     p.add_argument("--format", choices=["table", "json"], default="table")
-    p = add("logs", "show a container's output", cmd_logs)
+
+
+def _logs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="keep following while it runs")
     p.add_argument("container")
-    p = add("exec", "run a command in a running container", cmd_exec)
+
+
+def _exec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--interactive", action="store_true")
     p.add_argument("-t", "--tty", action="store_true")
     p.add_argument("-e", "--env", action="append", default=[])
@@ -346,22 +345,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("container")
     p.add_argument("cmd")
     p.add_argument("args", nargs=argparse.REMAINDER)
-    p = add("stop", "stop containers: SIGTERM, then SIGKILL after the timeout", cmd_stop)
+
+
+def _stop_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--time", type=float, default=10, help="seconds before SIGKILL (default 10)")
     _containers(p)
-    p = add("kill", "send a signal to containers", cmd_kill)
+
+
+def _kill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-s", "--signal", default="KILL")
     _containers(p)
-    p = add("rm", "remove containers", cmd_rm)
+
+
+def _rm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--force", action="store_true", help="kill running ones first")
     _containers(p)
-    _containers(add("wait", "wait for containers to exit, print their exit codes", cmd_wait))
-    _containers(add("inspect", "show containers in detail (JSON)", cmd_inspect))
-    _containers(add("pause", "freeze every process of containers", cmd_pause))
-    _containers(add("unpause", "thaw paused containers", cmd_unpause))
-    add("diff", "files changed in a container's layer (A added, C changed, D deleted)",
-        cmd_diff).add_argument("container")
-    p = add("commit", "create an image from a container's changes", cmd_commit)
+
+
+def _container(p: argparse.ArgumentParser) -> None:
+    p.add_argument("container")
+
+
+def _commit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--message", default="")
     p.add_argument("-a", "--author", default="")
     p.add_argument("-c", "--change", action="append", default=[],
@@ -370,13 +375,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="freeze a running container while its layer is read (default true, as docker)")
     p.add_argument("container")
     p.add_argument("reference", nargs="?")
-    p = add("export", "write a container's filesystem as a tar", cmd_export)
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", help="file (default stdout)")
     p.add_argument("container")
-    add("top", "processes running in a container", cmd_top).add_argument("container")
-    # `strata system` belongs to the image commands; prune joins it (registered after them).
-    system = subparsers.choices["system"]
-    system_sub = next(a for a in system._actions if isinstance(a, argparse._SubParsersAction))
-    prune = system_sub.add_parser("prune", help="clean up what crashed strata processes left behind "
-                                  "(containers whose monitor died, mounts, veths, cgroups)")
-    prune.set_defaults(func=cmd_prune)
+
+
+COMMANDS = [
+    Command(("create",), "create a container", cmd_create, _run_flags, add_help=False),
+    Command(("run",), "create and start a container", cmd_run, _run_arguments, add_help=False),
+    Command(("start",), "start created or stopped containers", cmd_start, _start_arguments),
+    Command(("ps",), "list containers", cmd_ps, _ps_arguments),
+    Command(("logs",), "show a container's output", cmd_logs, _logs_arguments),
+    Command(("exec",), "run a command in a running container", cmd_exec, _exec_arguments),
+    Command(("stop",), "stop containers: SIGTERM, then SIGKILL after the timeout", cmd_stop, _stop_arguments),
+    Command(("kill",), "send a signal to containers", cmd_kill, _kill_arguments),
+    Command(("rm",), "remove containers", cmd_rm, _rm_arguments),
+    Command(("wait",), "wait for containers to exit, print their exit codes", cmd_wait, _containers),
+    Command(("inspect",), "show containers in detail (JSON)", cmd_inspect, _containers),
+    Command(("pause",), "freeze every process of containers", cmd_pause, _containers),
+    Command(("unpause",), "thaw paused containers", cmd_unpause, _containers),
+    Command(("diff",), "files changed in a container's layer (A added, C changed, D deleted)", cmd_diff,
+            _container),
+    Command(("commit",), "create an image from a container's changes", cmd_commit, _commit_arguments),
+    Command(("export",), "write a container's filesystem as a tar", cmd_export, _export_arguments),
+    Command(("top",), "processes running in a container", cmd_top, _container),
+    Command(("system", "prune"), "clean up what crashed strata processes left behind "
+            "(containers whose monitor died, mounts, veths, cgroups)", cmd_prune, description=""),
+]

@@ -17,6 +17,7 @@ from typing import Any
 from common.errors import StrataError
 from images import dedup, formats
 from images.store import Image, Store
+from runtime.commands import Command
 from runtime.output import Progress, human_size, print_json, print_table
 
 
@@ -292,104 +293,89 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- registration ----------------------------------------------------------------------
+# --- arguments -------------------------------------------------------------------------
 
 
 def _fmt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["table", "json"], default="table", help="output format")
 
 
-def _setup_import(p: argparse.ArgumentParser) -> None:
+def _args_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="rootfs tarball (plain, gzip, zstd) or directory")
     p.add_argument("reference", nargs="?", help="NAME[:TAG] for the new image")
-    p.set_defaults(func=_os_errors(cmd_import))
 
 
-def _setup_images(p: argparse.ArgumentParser) -> None:
+def _args_images(p: argparse.ArgumentParser) -> None:
     p.add_argument("filter_ref", nargs="?", metavar="REPOSITORY[:TAG]", help="only this repository/tag")
     p.add_argument("-q", "--quiet", action="store_true", help="only image ids")
     _fmt(p)
-    p.set_defaults(func=_os_errors(cmd_images))
 
 
-def _setup_rmi(p: argparse.ArgumentParser) -> None:
+def _args_rmi(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-f", "--force", action="store_true", help="remove an image id with several tags")
-    p.set_defaults(func=_os_errors(cmd_rmi))
 
 
-def _setup_tag(p: argparse.ArgumentParser) -> None:
+def _args_tag(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE_IMAGE[:TAG]")
     p.add_argument("target", metavar="TARGET_IMAGE[:TAG]")
-    p.set_defaults(func=_os_errors(cmd_tag))
 
 
-def _setup_inspect(p: argparse.ArgumentParser) -> None:
+def _args_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.set_defaults(func=_os_errors(cmd_inspect))
 
 
-def _setup_history(p: argparse.ArgumentParser) -> None:
+def _args_history(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--no-trunc", action="store_true", help="do not shorten CREATED BY")
     _fmt(p)
-    p.set_defaults(func=_os_errors(cmd_history))
 
 
-def _setup_load(p: argparse.ArgumentParser) -> None:
+def _args_load(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input", help="docker save archive (.tar[.gz]) or OCI layout (dir or tar)")
-    p.set_defaults(func=_os_errors(cmd_load))
 
 
-def _setup_save(p: argparse.ArgumentParser) -> None:
+def _args_save(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-o", "--output", help="archive file (or directory for oci-dir); default stdout")
     p.add_argument(
         "--format", choices=["docker", "oci", "oci-dir"], default="docker",
         help="docker: a `docker load` archive (default); oci: OCI layout in a tar; oci-dir: OCI layout dir",
     )
-    p.set_defaults(func=_os_errors(cmd_save))
 
 
-def _setup_pull(p: argparse.ArgumentParser) -> None:
+def _args_pull(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="NAME[:TAG|@DIGEST]", help="e.g. 127.0.0.1:5000/busybox:latest")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (a registry on loopback)")
-    p.set_defaults(func=_os_errors(cmd_pull))
 
 
-def _setup_push(p: argparse.ArgumentParser) -> None:
+def _args_push(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="NAME[:TAG]", help="a local image named for its registry")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (a registry on loopback)")
-    p.set_defaults(func=_os_errors(cmd_push))
 
 
-_VERBS: list[tuple[str, str | None, str, Callable[[argparse.ArgumentParser], None]]] = [
-    # (name under `image`, top-level shortcut, help, setup)
-    ("import", "import", "create an image from a rootfs tarball or directory", _setup_import),
-    ("ls", "images", "list images", _setup_images),
-    ("rm", "rmi", "remove images (and the layers no other image uses)", _setup_rmi),
-    ("tag", "tag", "give an image another name", _setup_tag),
-    ("inspect", None, "show image details as JSON", _setup_inspect),
-    ("history", "history", "show the layers an image was built from", _setup_history),
-    ("load", "load", "load images from a docker save archive or an OCI layout", _setup_load),
-    ("save", "save", "write images to an archive docker load accepts (or an OCI layout)", _setup_save),
-    ("pull", "pull", "pull an image from a registry (v2 API)", _setup_pull),
-    ("push", "push", "push an image to a registry (v2 API)", _setup_push),
+# (name under `image`, top-level shortcut, help, what runs it, its arguments)
+_VERBS: list[tuple[str, str | None, str, Callable[[argparse.Namespace], int],
+                   Callable[[argparse.ArgumentParser], None]]] = [
+    ("import", "import", "create an image from a rootfs tarball or directory", cmd_import, _args_import),
+    ("ls", "images", "list images", cmd_images, _args_images),
+    ("rm", "rmi", "remove images (and the layers no other image uses)", cmd_rmi, _args_rmi),
+    ("tag", "tag", "give an image another name", cmd_tag, _args_tag),
+    ("inspect", None, "show image details as JSON", cmd_inspect, _args_inspect),
+    ("history", "history", "show the layers an image was built from", cmd_history, _args_history),
+    ("load", "load", "load images from a docker save archive or an OCI layout", cmd_load, _args_load),
+    ("save", "save", "write images to an archive docker load accepts (or an OCI layout)", cmd_save,
+     _args_save),
+    ("pull", "pull", "pull an image from a registry (v2 API)", cmd_pull, _args_pull),
+    ("push", "push", "push an image to a registry (v2 API)", cmd_push, _args_push),
 ]
 
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    image = subparsers.add_parser("image", help="manage images")
-    image_sub = image.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
-    for name, top, help_, setup in _VERBS:
-        setup(image_sub.add_parser(name, help=help_, description=help_))
-        if top:
-            setup(subparsers.add_parser(top, help=help_, description=help_))
-
-    system = subparsers.add_parser("system", help="store-wide information and maintenance")
-    system_sub = system.add_subparsers(dest="system_command", metavar="COMMAND", required=True)
-    df = system_sub.add_parser("df", help="disk usage of images and layers, and what dedup saved")
-    _fmt(df)
-    df.set_defaults(func=_os_errors(cmd_df))
-    dd = system_sub.add_parser("dedup", help="share identical files across layers (verified byte for byte)")
-    dd.set_defaults(func=_os_errors(cmd_dedup))
+COMMANDS = [
+    *(Command(words, help_, _os_errors(run), arguments)
+      for name, top, help_, run, arguments in _VERBS
+      for words in [("image", name), *([(top,)] if top else [])]),
+    Command(("system", "df"), "disk usage of images and layers, and what dedup saved", _os_errors(cmd_df),
+            _fmt, description=""),
+    Command(("system", "dedup"), "share identical files across layers (verified byte for byte)",
+            _os_errors(cmd_dedup), description=""),
+]

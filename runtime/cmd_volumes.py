@@ -17,6 +17,7 @@ from common.errors import StrataError
 from plugin_api.protocol import DEFAULT_NAME, SOCKET_DIR, SPEC_DIR
 from volumes import Volume, VolumeManager
 
+from .commands import Command
 from .output import human_size, print_json, print_table
 
 
@@ -130,52 +131,62 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    config = argparse.ArgumentParser(add_help=False)
-    config.add_argument(
+def _config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "--config", help="volume config file (default $STRATA_VOLUMES_CONFIG or /etc/strata/volumes.json)"
     )
 
-    vol = sub.add_parser("volume", help="manage volumes", description="Manage strata volumes.")
-    vsub = vol.add_subparsers(dest="volume_command", metavar="COMMAND", required=True)
 
-    p = vsub.add_parser(
-        "create", parents=[config], help="create a volume",
-        description="Create a volume. Types: local (default), bind (device=), clone (from=), tmpfs (size=); "
-        "all but bind take uid=, gid=, mode=.",
-    )
+def _create_arguments(p: argparse.ArgumentParser) -> None:
+    _config(p)
     p.add_argument("name", nargs="?", help="volume name (random if omitted)")
     p.add_argument("-o", "--opt", action="append", metavar="KEY=VALUE", help="driver option, e.g. type=tmpfs")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="set a label")
-    p.set_defaults(func=cmd_create)
 
-    p = vsub.add_parser("ls", aliases=["list"], parents=[config], help="list volumes")
+
+def _ls_arguments(p: argparse.ArgumentParser) -> None:
+    _config(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only names")
     p.add_argument("--format", choices=["table", "json"], default="table")
-    p.set_defaults(func=cmd_ls)
 
-    p = vsub.add_parser("inspect", parents=[config], help="show volumes in detail (JSON)")
-    p.add_argument("names", nargs="+", metavar="NAME")
-    p.set_defaults(func=cmd_inspect)
 
-    p = vsub.add_parser("rm", aliases=["remove"], parents=[config], help="remove unused volumes")
+def _names_arguments(p: argparse.ArgumentParser) -> None:
+    _config(p)
     p.add_argument("names", nargs="+", metavar="NAME")
+
+
+def _rm_arguments(p: argparse.ArgumentParser) -> None:
+    _names_arguments(p)
     p.add_argument("-f", "--force", action="store_true",
                    help="remove even with mount references (ones a crashed client never released)")
-    p.set_defaults(func=cmd_rm)
 
-    p = vsub.add_parser("prune", parents=[config], help="remove all volumes nothing has mounted")
+
+def _prune_arguments(p: argparse.ArgumentParser) -> None:
+    _config(p)
     p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
-    p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser(
-        "serve", parents=[config], help="run the Docker volume plugin service",
-        description="Serve the Docker VolumeDriver protocol on a unix socket until SIGTERM. "
-        "Use with: docker volume create -d strata [-o type=...] NAME",
-    )
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    _config(p)
     p.add_argument("--name", default=DEFAULT_NAME, help="plugin name Docker knows it by (default strata)")
     p.add_argument("--socket", help="socket path (default /run/docker/plugins/NAME.sock; elsewhere a "
                    "spec file is written for Docker)")
     p.add_argument("--spec-dir", default=str(SPEC_DIR), help="where to write NAME.spec (default %(default)s)")
     p.add_argument("-d", "--debug", action="store_true", help="log every request")
-    p.set_defaults(func=cmd_serve)
+
+
+COMMANDS = [
+    Command(("volume", "create"), "create a volume", cmd_create, _create_arguments,
+            description="Create a volume. Types: local (default), bind (device=), clone (from=), tmpfs "
+            "(size=); all but bind take uid=, gid=, mode=."),
+    Command(("volume", "ls"), "list volumes", cmd_ls, _ls_arguments, description="", aliases=("list",)),
+    Command(("volume", "inspect"), "show volumes in detail (JSON)", cmd_inspect, _names_arguments,
+            description=""),
+    Command(("volume", "rm"), "remove unused volumes", cmd_rm, _rm_arguments, description="",
+            aliases=("remove",)),
+    Command(("volume", "prune"), "remove all volumes nothing has mounted", cmd_prune, _prune_arguments,
+            description=""),
+    Command(("serve",), "run the Docker volume plugin service", cmd_serve, _serve_arguments,
+            description="Serve the Docker VolumeDriver protocol on a unix socket until SIGTERM. "
+            "Use with: docker volume create -d strata [-o type=...] NAME"),
+]
