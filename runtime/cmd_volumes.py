@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import secrets
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from common.errors import StrataError
 from plugin_api.protocol import DEFAULT_NAME, SOCKET_DIR, SPEC_DIR
 from volumes import Volume, VolumeManager
+from volumes.names import check_name
 
 from .commands import Command
 from .output import human_size, print_json, print_table
@@ -120,8 +120,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, format="strata serve: %(levelname)s %(message)s"
     )
-    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", args.name):
-        raise StrataError(f"invalid plugin name {args.name!r}: letters, digits, '_', '.', '-' only")
+    try:  # a plugin name is a socket's and a spec file's name: the volume-name rule
+        check_name(args.name)
+    except StrataError as e:
+        raise StrataError(f"invalid plugin name {args.name!r}, by the volume-name rule: {e}") from None
     socket_path = Path(args.socket) if args.socket else SOCKET_DIR / f"{args.name}.sock"
     if not socket_path.is_absolute():
         raise StrataError(f"--socket must be an absolute path, not {args.socket}")
