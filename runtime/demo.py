@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common.kernel import mounts
 from runtime.busybox import build_rootfs
+from unionfs import whiteout
 
 STRATA = str(Path(sys.executable).with_name("strata"))
 
@@ -48,11 +49,10 @@ def describe(root: Path) -> None:
         for name in sorted(dirnames + filenames):
             p = Path(dirpath, name)
             st = os.lstat(p)
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            if whiteout.is_whiteout(st):
                 note = "whiteout (char 0/0): deleted from the image"
             elif stat.S_ISDIR(st.st_mode):
-                opaque = "trusted.overlay.opaque" in os.listxattr(p, follow_symlinks=False)
-                note = "directory" + (", opaque" if opaque else "")
+                note = "directory" + (", opaque" if whiteout.has_opaque_xattr(str(p)) else "")
             else:
                 note = f"file, {st.st_size} bytes"
             print(f"  {p.relative_to(root)!s:<20} {note}")
