@@ -29,7 +29,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import pyfuse3
-import xxhash
 
 from .layers import UPPER, Dir, Entry, Ident, LayerStack, Lower, ident, open_dir
 
@@ -45,6 +44,14 @@ def _dir_fd_bound() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return max(16, min(DIR_FDS, soft // 4)) if soft != resource.RLIM_INFINITY else DIR_FDS
 _INO_BITS = 48
+
+
+def _hashed(text: str) -> int:
+    """A number in the top half of the space, from text (the same in every mount);
+    xxhash is imported here, on first need, not at every mount's start-up."""
+    import xxhash
+
+    return (1 << 63) | (xxhash.xxh3_64_intdigest(text) >> 1)
 
 
 def stale() -> OSError:
@@ -119,7 +126,7 @@ class InodeTable:
         dev_i = self._devs.setdefault(dev, len(self._devs))
         if len(key) == 2 and ino < (1 << _INO_BITS) and dev_i < (1 << (63 - _INO_BITS)):
             return (dev_i << _INO_BITS) | ino
-        return (1 << 63) | (xxhash.xxh3_64_intdigest(repr(key)) >> 1)
+        return _hashed(repr(key))
 
     def number(self, st: os.stat_result, layer: int = UPPER, parent: Node | None = None,
                name: str = "") -> int:
@@ -129,7 +136,7 @@ class InodeTable:
             ino = self._derive(key)
             # Taken by another file the kernel still knows (or the root's number): probe on.
             while ino <= pyfuse3.ROOT_INODE or (self._taken.get(ino, key) != key and ino in self.nodes):
-                ino = (1 << 63) | (xxhash.xxh3_64_intdigest(str(ino)) >> 1)
+                ino = _hashed(str(ino))
             self._by_key[key] = ino
             self._taken[ino] = key
         return ino
