@@ -677,6 +677,18 @@ class UnionFS(pyfuse3.Operations):
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         fallocate(self._file(fh).fd, mode, offset, length)
 
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE (the only ones the kernel asks for) on the backing
+        file, so holes show through the mount; its position is not used (pread)."""
+        return os.lseek(self._file(fh).fd, off, whence)
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int,
+                              flags: int) -> int:
+        """Copy between two open files of the mount in the kernel (a reflink where the
+        filesystem shares extents). EXDEV (layers on different filesystems) makes
+        the kernel fall back to copying through reads and writes, as before."""
+        return os.copy_file_range(self._file(fh_in).fd, self._file(fh_out).fd, length, off_in, off_out)
+
     # ---- directories ---------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: RequestContext) -> FileInfo:

@@ -515,3 +515,46 @@ def test_lower_dir_rename_out_of_space_leaves_nothing(tmp_path: Path) -> None:
         assert after == before, "a failed rename changed the view"
         assert left == [], f"a failed rename left copies in the upper: {left[:5]}"
         assert free > 3 * MiB, "a failed rename left the upper full"
+
+
+# ---- SEEK_DATA / SEEK_HOLE and copy_file_range ----------------------------------------------------
+
+def build_sparse_small(lower: Path) -> None:
+    with open(lower / "sparse", "wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(MiB)
+        f.write(b"d" * 4096)
+    (lower / "src").write_bytes(bytes(range(256)) * 4096)
+
+
+def test_seek_data_hole_and_copy_file_range(tmp_path: Path) -> None:
+    def run(mnt: Path) -> list[tuple[str, object]]:
+        out: list[tuple[str, object]] = []
+        fd = os.open(mnt / "sparse", os.O_RDONLY)
+        try:
+            out.append(("SEEK_DATA 0", outcome(lambda: os.lseek(fd, 0, os.SEEK_DATA))))
+            out.append(("SEEK_HOLE 1M", outcome(lambda: os.lseek(fd, MiB, os.SEEK_HOLE))))
+            out.append(("SEEK_DATA past", outcome(lambda: os.lseek(fd, 3 * MiB, os.SEEK_DATA))))
+        finally:
+            os.close(fd)
+        src = os.open(mnt / "src", os.O_RDONLY)
+        dst = os.open(mnt / "dst", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            copied = 0
+            while copied < 3 * MiB // 4:
+                n = os.copy_file_range(src, dst, 3 * MiB // 4 - copied, copied + 4096, copied)
+                if n == 0:
+                    break
+                copied += n
+            out.append(("copy_file_range", copied))
+        finally:
+            os.close(src)
+            os.close(dst)
+        want = (bytes(range(256)) * 4096)[4096:4096 + 3 * MiB // 4]
+        out.append(("copied bytes", (mnt / "dst").read_bytes() == want))
+        return out
+
+    seen, _ = on_both(tmp_path, build_sparse_small, run)
+    assert seen["kernel"] == [("SEEK_DATA 0", MiB), ("SEEK_HOLE 1M", MiB + 4096), ("SEEK_DATA past", "ENXIO"),
+                              ("copy_file_range", 3 * MiB // 4), ("copied bytes", True)]
+    assert seen["strata"] == seen["kernel"], "SEEK_DATA/SEEK_HOLE or copy_file_range differ"
