@@ -24,11 +24,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from unionfs import client
+
 from .dockerd import busybox_rootfs_tar, running_dockerd
 
 BIN = Path(sys.executable).parent
 STRATA = str(BIN / "strata")
-STRATA_UNIONFS = str(BIN / "strata-unionfs")
 
 
 def measure(argv: list[str], runs: int, env: dict[str, str] | None = None) -> list[float]:
@@ -86,7 +87,7 @@ def bench_podman(tmp: Path, tar: Path, runs: int) -> dict[str, list[float]]:
     if podman is None:
         raise SystemExit("podman missing: make deps installs Debian's podman")
     out = {}
-    for label, program in (("overlay", None), ("strata-unionfs mount_program", STRATA_UNIONFS)):
+    for label, program in (("overlay", None), ("strata-unionfs mount_program", client.program())):
         root = tmp / f"podman-{'fuse' if program else 'kernel'}"
         env = _podman_env(root, program)
         try:

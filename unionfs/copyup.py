@@ -28,10 +28,11 @@ import os
 import stat
 from collections.abc import Callable
 
+from common.dirwalk import O_DIR
 from common.tree import remove_tree
 
 from .inodes import InodeTable, Node
-from .layers import O_DIR, UPPER, Ident, at, ident
+from .layers import UPPER, Ident, at, ident, open_checked, open_dir, stale
 from .whiteout import is_private_xattr, set_opaque
 
 FICLONE = 0x40049409
@@ -48,7 +49,7 @@ class WorkDir:
         self._seq = itertools.count()
         remove_tree(self.parent, self.NAME)
         os.mkdir(self.NAME, 0o000, dir_fd=self.parent)
-        self.fd = os.open(self.NAME, O_DIR, dir_fd=self.parent)
+        self.fd = open_dir(self.parent, self.NAME)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -126,10 +127,6 @@ def copy_xattrs(src: str | int, dst: str | int) -> None:
                 raise
 
 
-def _stale(name: str) -> OSError:
-    return OSError(errno.ESTALE, os.strerror(errno.ESTALE), name)
-
-
 def make_copy(src_dir: int, name: str, st: os.stat_result, work: WorkDir, tmp: str,
               data: bool, fsync: bool) -> None:
     """Create `tmp` in the work dir, a copy of `name` in `src_dir` (which must
@@ -141,10 +138,7 @@ def make_copy(src_dir: int, name: str, st: os.stat_result, work: WorkDir, tmp: s
     src_fd: int | None = None
     try:
         if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-            src_fd = os.open(name, (O_DIR if stat.S_ISDIR(mode) else os.O_RDONLY | os.O_NOFOLLOW)
-                             | os.O_CLOEXEC, dir_fd=src_dir)
-            if ident(os.fstat(src_fd)) != ident(st):
-                raise _stale(name)
+            src_fd = open_checked(src_dir, name, O_DIR if stat.S_ISDIR(mode) else os.O_RDONLY, ident(st))
         if stat.S_ISREG(mode):
             assert src_fd is not None
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -153,7 +147,7 @@ def make_copy(src_dir: int, name: str, st: os.stat_result, work: WorkDir, tmp: s
                 copy_data(src_fd, fd, st.st_size)
         elif stat.S_ISDIR(mode):
             os.mkdir(tmp, 0o700, dir_fd=work.fd)
-            fd = os.open(tmp, O_DIR, dir_fd=work.fd)
+            fd = open_dir(work.fd, tmp)
         elif stat.S_ISLNK(mode):
             target = os.readlink(name, dir_fd=src_dir)
             os.symlink(target, tmp, dir_fd=work.fd)
@@ -232,7 +226,7 @@ class CopyUp:
         dst_dir = self.table.dirfd(node.parent, UPPER)
         lst = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
         if ident(lst) != node.ident:
-            raise _stale(node.name)
+            raise stale(node.name)
         ust = copy_up(self.work, src_dir, node.name, lst, dst_dir, data and not node.is_dir,
                       self.fsync and not node.is_dir)
         self.table.copied_up(node, ust)

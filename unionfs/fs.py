@@ -38,8 +38,8 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, Setatt
 from common.kernel import RENAME_EXCHANGE, RENAME_WHITEOUT, fallocate, renameat2
 
 from .copyup import CopyUp, WorkDir
-from .inodes import InodeTable, Node, stale
-from .layers import UPPER, Entry, LayerStack, at, ident, open_dir
+from .inodes import InodeTable, Node
+from .layers import UPPER, Entry, LayerStack, at, ident, open_checked, open_dir, stale
 from .options import MountOptions
 from .whiteout import is_private_xattr, is_whiteout, make_whiteout, set_opaque
 
@@ -375,10 +375,7 @@ class UnionFS(pyfuse3.Operations):
             # A handle opened for reading only: reopen the same file to write.
             wfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
         else:
-            wfd = os.open(name, os.O_WRONLY | _BACKING, dir_fd=dirfd)
-            if ident(os.fstat(wfd)) != node.ident:
-                os.close(wfd)
-                raise FUSEError(errno.ESTALE)
+            wfd = open_checked(dirfd, name, os.O_WRONLY, node.ident)
         try:
             os.ftruncate(wfd, size)
         finally:
@@ -617,10 +614,7 @@ class UnionFS(pyfuse3.Operations):
             fd = os.open(f"/proc/self/fd/{other}", bflags & ~os.O_NOFOLLOW)
         else:
             dirfd, name = self._where(node)
-            fd = os.open(name, bflags, dir_fd=dirfd)
-            if ident(os.fstat(fd)) != node.ident:
-                os.close(fd)
-                raise FUSEError(errno.ESTALE)
+            fd = open_checked(dirfd, name, bflags, node.ident)
         # After a copy-up the kernel's cached pages are the lower file's: drop them.
         return FileInfo(fh=self._fh(FileHandle(node, fd, flags)), keep_cache=not copied)
 

@@ -21,7 +21,6 @@ directory looked up; those fds are a bounded cache, trimmed after each request
 
 from __future__ import annotations
 
-import errno
 import os
 import resource
 import stat
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
-from .layers import UPPER, Dir, Entry, Ident, LayerStack, Lower, ident, open_dir
+from .layers import UPPER, Dir, Entry, Ident, LayerStack, Lower, ident, open_dir, stale
 
 Key = tuple[int, int] | tuple[int, int, int, str]
 
@@ -52,10 +51,6 @@ def _hashed(text: str) -> int:
     import xxhash
 
     return (1 << 63) | (xxhash.xxh3_64_intdigest(text) >> 1)
-
-
-def stale() -> OSError:
-    return OSError(errno.ESTALE, os.strerror(errno.ESTALE))
 
 
 @dataclass(eq=False)

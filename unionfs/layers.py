@@ -19,15 +19,14 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from common.dirwalk import O_DIR
+
 from .whiteout import has_opaque_xattr, is_marker, is_whiteout, whited_out_name
 
 UPPER = 0
 
 # Kinds of entry in a lower directory.
 DIR, OTHER, WHITEOUT = 1, 2, 3
-
-# A directory opened for reading and as an anchor; never through a symlink.
-O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Ident = tuple[int, int]
 
@@ -44,14 +43,24 @@ def at(dirfd: int, name: str) -> str:
     return f"/proc/self/fd/{dirfd}/{name}"
 
 
-def open_dir(dirfd: int, name: str, expect: Ident | None = None) -> int:
-    """Open the directory `name` below `dirfd`, refusing a symlink; with `expect`,
-    refuse (ESTALE) a directory that is not the one looked up before."""
-    fd = os.open(name, O_DIR, dir_fd=dirfd)
+def stale(name: str = "") -> OSError:
+    """The error for a name that no longer leads to the file looked up."""
+    return OSError(errno.ESTALE, os.strerror(errno.ESTALE), name)
+
+
+def open_checked(dirfd: int, name: str, flags: int, expect: Ident | None = None) -> int:
+    """Open `name` below `dirfd` with flags, never through a symlink; with
+    `expect`, refuse (ESTALE) a file that is not the one looked up before."""
+    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
     if expect is not None and ident(os.fstat(fd)) != expect:
         os.close(fd)
-        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), name)
+        raise stale(name)
     return fd
+
+
+def open_dir(dirfd: int, name: str, expect: Ident | None = None) -> int:
+    """Open the directory `name` below `dirfd` for reading and as an anchor."""
+    return open_checked(dirfd, name, O_DIR, expect)
 
 
 @dataclass
