@@ -6,6 +6,7 @@ import os
 import stat
 from pathlib import Path
 
+from common.dirwalk import O_DIR
 from common.errors import StrataError
 
 DEFAULT_STATE_ROOT = "/var/lib/strata"
@@ -57,7 +58,7 @@ def private_dir(path: str | os.PathLike[str], mode: int = 0o700) -> Path:
 
 def _tighten(path: Path, mode: int, created: bool) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, O_DIR)
     except OSError as e:
         raise StrataError(f"{path}: {e.strerror}; strata's state needs a real directory here") from None
     try:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from common import kernel
 from common.errors import StrataError
+from unionfs import client
 
 from ..config import VolumeConfig
 from ..state import VolumeRecord
@@ -94,15 +94,11 @@ class Driver(ABC):
 
 
 def unmount_quietly(target: Path) -> None:
-    """Unmount target, falling back to a lazy detach if something still holds it busy:
-    Docker ignores Unmount errors, so failing here would only leak a reference."""
-    if not kernel.is_mountpoint(target):
-        return
-    try:
-        kernel.umount(target)
-    except OSError:
-        with contextlib.suppress(OSError):
-            kernel.umount(target, kernel.MNT_DETACH)
+    """Unmount target (unionfs.client's way: a FUSE daemon ends with its mount, a busy
+    mount is detached lazily), never failing: Docker ignores Unmount errors, so failing
+    here would only leak a reference."""
+    with contextlib.suppress(StrataError):
+        client.unmount(target)
 
 
 def open_layer(path: Path) -> int:

@@ -15,7 +15,6 @@ Mounting, the liveness test and unmounting are the mount program's one client's
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -27,17 +26,10 @@ from unionfs import client
 from ..options import owner_and_mode
 from ..state import VolumeRecord
 from ..usage import tree_size
-from .base import DATA, Driver, DriverContext, open_layer, set_owner_and_mode
+from .base import DATA, Driver, DriverContext, open_layer, set_owner_and_mode, unmount_quietly
 
 UPPER = "upper"
 WORK = "work"
-
-
-def _unmount(target: Path) -> None:
-    """Unmount the clone (its daemon ends with it), never failing: Docker ignores Unmount
-    errors, so failing here would only leak a reference."""
-    with contextlib.suppress(StrataError):
-        client.unmount(target)
 
 
 class CloneDriver(Driver):
@@ -68,7 +60,7 @@ class CloneDriver(Driver):
         if self.is_provisioned(rec, vdir):
             return
         if kernel.is_mountpoint(vdir / DATA):  # a dead daemon's mount: detach, then mount afresh
-            _unmount(vdir / DATA)
+            unmount_quietly(vdir / DATA)
         real = Path(os.path.realpath(vdir))
         try:
             # Every layer checked now by its owner, down the chain of sources (Driver.layers).
@@ -92,7 +84,7 @@ class CloneDriver(Driver):
                 os.close(fd)
 
     def release(self, rec: VolumeRecord, vdir: Path) -> None:
-        _unmount(vdir / DATA)
+        unmount_quietly(vdir / DATA)
 
     def depends_on(self, rec: VolumeRecord) -> str | None:
         return rec.options.get("from")
