@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 import pyfuse3
+import trio
 
 from common import daemon, kernel
 from common.errors import StrataError
@@ -74,12 +75,15 @@ def _serve(ops: UnionFS, mountpoint: str, ready: Callable[[], None] = lambda: No
     """Serve requests until the mount goes away or a signal ends it; call ready
     once the mount has answered its first request and read-ahead is set.
 
-    Every handler of UnionFS runs to completion without suspending, so the
-    blocking loop (our pyfuse3 patch) serves it without trio's event loop,
-    which cost about a third of every request, and without importing trio.
-    It polls for spin= microseconds after each reply before it sleeps: on
-    this kind of VM a sleeping thread takes ~100 us to wake, as long as the
-    whole round trip of a lookup, so a stream of requests pays it no more."""
+    Handlers run inline in the request loop (our pyfuse3 patch, main_inline):
+    a request that makes a few system calls is answered before the next one
+    is read, without the cost of a trio task per request (about a third of
+    every request with pyfuse3's main()); a long one (copy-up of a big file,
+    fsync, a cold read) detaches into a trio task of its own and the loop goes
+    on. The loop polls for spin= microseconds after each reply before it
+    sleeps: on this kind of VM a sleeping thread takes ~100 us to wake, as
+    long as the whole round trip of a lookup, so a stream of requests pays it
+    no more."""
     def stop(signum: int, frame: FrameType | None) -> None:
         pyfuse3.terminate()
 
@@ -91,7 +95,7 @@ def _serve(ops: UnionFS, mountpoint: str, ready: Callable[[], None] = lambda: No
 
     threading.Thread(target=settle, daemon=True).start()
     try:
-        pyfuse3.main_sync(ops.opts.spin_us)
+        trio.run(pyfuse3.main_inline, ops.opts.spin_us)
     finally:
         # First let go of every layer: the kernel does not wait for a FUSE daemon at
         # unmount, and whoever unmounts a layer's own filesystem right after ours
@@ -162,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mountpoint = args.mountpoint or args.source_or_mountpoint
         if mountpoint is None:
             raise StrataError("no mountpoint given")
-        if not hasattr(pyfuse3, "main_sync"):
+        if not hasattr(pyfuse3, "main_inline"):
             raise StrataError("this pyfuse3 lacks strata's patch (unionfs/pyfuse3.patch); "
                               "install with `make install`")
         opts = options.parse(args.opts)

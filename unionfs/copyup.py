@@ -127,64 +127,101 @@ def copy_xattrs(src: str | int, dst: str | int) -> None:
                 raise
 
 
-def make_copy(src_dir: int, name: str, st: os.stat_result, work: WorkDir, tmp: str,
-              data: bool, fsync: bool) -> None:
-    """Create `tmp` in the work dir, a copy of `name` in `src_dir` (which must
-    still be the file `st` describes): data (unless the caller is about to
-    truncate it anyway), then owner, mode (chown clears set-id bits), xattrs,
-    and times last."""
-    mode = st.st_mode
-    fd: int | None = None
-    src_fd: int | None = None
-    try:
-        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-            src_fd = open_checked(src_dir, name, O_DIR if stat.S_ISDIR(mode) else os.O_RDONLY, ident(st))
-        if stat.S_ISREG(mode):
-            assert src_fd is not None
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=work.fd)
-            if data and st.st_size:
-                copy_data(src_fd, fd, st.st_size)
-        elif stat.S_ISDIR(mode):
-            os.mkdir(tmp, 0o700, dir_fd=work.fd)
-            fd = open_dir(work.fd, tmp)
-        elif stat.S_ISLNK(mode):
-            target = os.readlink(name, dir_fd=src_dir)
-            os.symlink(target, tmp, dir_fd=work.fd)
-        else:
-            os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=work.fd)
+class Copy:
+    """One node's copy in the work directory, made in steps: created (__init__),
+    filled (`fill`: the data and its fsync, the long part, which touches only
+    this object's own fds, so it may run in a worker thread while the request
+    loop goes on), sealed (`seal`: owner, mode (chown clears set-id bits),
+    xattrs, times last) and renamed into the upper (`into`), or discarded."""
+
+    def __init__(self, work: WorkDir, src_dir: int, name: str, st: os.stat_result,
+                 data: bool, fsync: bool) -> None:
+        """Create the copy of `name` in `src_dir`, which must still be the file `st`
+        describes; its data only if `data` (not when the caller truncates it anyway)."""
+        self.work, self.src_dir, self.name, self.st = work, src_dir, name, st
+        self.tmp = work.temp()
+        self.data, self.fsync = data, fsync
+        self.fd: int | None = None
+        self.src_fd: int | None = None
+        mode = st.st_mode
+        try:
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                self.src_fd = open_checked(src_dir, name, O_DIR if stat.S_ISDIR(mode) else os.O_RDONLY,
+                                           ident(st))
+            if stat.S_ISREG(mode):
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC, 0o600, dir_fd=work.fd)
+            elif stat.S_ISDIR(mode):
+                os.mkdir(self.tmp, 0o700, dir_fd=work.fd)
+                self.fd = open_dir(work.fd, self.tmp)
+            elif stat.S_ISLNK(mode):
+                os.symlink(os.readlink(name, dir_fd=src_dir), self.tmp, dir_fd=work.fd)
+            else:
+                os.mknod(self.tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=work.fd)
+        except BaseException:
+            self.discard()
+            raise
+
+    @property
+    def long(self) -> bool:
+        """Whether `fill` does slow work: data to copy, or an fsync (a journal commit)."""
+        return stat.S_ISREG(self.st.st_mode) and (self.fsync or (self.data and self.st.st_size > 0))
+
+    def fill(self) -> None:
+        """The data (holes kept) and, when asked, its fsync."""
+        if not stat.S_ISREG(self.st.st_mode):
+            return
+        assert self.fd is not None and self.src_fd is not None
+        if self.data and self.st.st_size:
+            copy_data(self.src_fd, self.fd, self.st.st_size)
+        if self.fsync:
+            os.fsync(self.fd)
+
+    def seal(self) -> None:
+        st, work, tmp, fd = self.st, self.work, self.tmp, self.fd
         os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work.fd, follow_symlinks=False)
         if fd is not None:
-            os.chmod(fd, stat.S_IMODE(mode))
-        elif not stat.S_ISLNK(mode):
-            os.chmod(at(work.fd, tmp), stat.S_IMODE(mode))  # our own node, not a symlink
-        copy_xattrs(at(src_dir, name) if src_fd is None else src_fd,
+            os.chmod(fd, stat.S_IMODE(st.st_mode))
+        elif not stat.S_ISLNK(st.st_mode):
+            os.chmod(at(work.fd, tmp), stat.S_IMODE(st.st_mode))  # our own node, not a symlink
+        copy_xattrs(at(self.src_dir, self.name) if self.src_fd is None else self.src_fd,
                     at(work.fd, tmp) if fd is None else fd)
-        if fd is not None and fsync and stat.S_ISREG(mode):
-            os.fsync(fd)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work.fd, follow_symlinks=False)
-    finally:
-        for f in (fd, src_fd):
+        self._close()
+
+    def into(self, dst_dir: int) -> os.stat_result:
+        """Rename the sealed copy into the upper directory `dst_dir` under its name;
+        returns its lstat. The upper parent keeps its times, as with the kernel: a
+        copy-up is not a change of the directory, and a layer committed from the
+        upper must not say so."""
+        pst = os.fstat(dst_dir)
+        os.rename(self.tmp, self.name, src_dir_fd=self.work.fd, dst_dir_fd=dst_dir)
+        os.utime(dst_dir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+        return os.stat(self.name, dir_fd=dst_dir, follow_symlinks=False)
+
+    def discard(self) -> None:
+        self._close()
+        self.work.discard(self.tmp)
+
+    def _close(self) -> None:
+        for f in (self.fd, self.src_fd):
             if f is not None:
                 os.close(f)
+        self.fd = self.src_fd = None
 
 
 def copy_up(work: WorkDir, src_dir: int, name: str, st: os.stat_result, dst_dir: int,
             data: bool = True, fsync: bool = True) -> os.stat_result:
-    """Copy `name` from `src_dir` into the upper directory `dst_dir` atomically;
-    returns the new file's lstat. The upper parent keeps its times, as with the
-    kernel: a copy-up is not a change of the directory, and a layer committed
-    from the upper must not say so."""
-    tmp = work.temp()
-    pst = os.fstat(dst_dir)
+    """Copy `name` from `src_dir` into the upper directory `dst_dir` atomically,
+    all steps in a row; returns the new file's lstat."""
+    copy = Copy(work, src_dir, name, st, data, fsync)
     try:
-        make_copy(src_dir, name, st, work, tmp, data, fsync)
-        os.rename(tmp, name, src_dir_fd=work.fd, dst_dir_fd=dst_dir)
+        copy.fill()
+        copy.seal()
+        return copy.into(dst_dir)
     except BaseException:
-        work.discard(tmp)
+        copy.discard()
         raise
-    os.utime(dst_dir, ns=(pst.st_atime_ns, pst.st_mtime_ns))
-    return os.stat(name, dir_fd=dst_dir, follow_symlinks=False)
 
 
 # Nodes a copy-up brought into the upper, with the layer and identity each had (to undo).
@@ -221,14 +258,36 @@ class CopyUp:
                 log.append(before)
 
     def _one(self, node: Node, data: bool) -> None:
+        copy = self.begin(node, data)
+        try:
+            copy.fill()
+        except BaseException:
+            copy.discard()
+            raise
+        self.end(node, copy)
+
+    def begin(self, node: Node, data: bool) -> Copy:
+        """Start the copy of node, whose directories above must be in the upper
+        already: checked to be the file it was looked up as, created in the work
+        directory. Then `fill` it (anywhere) and hand it to `end`."""
         assert node.parent is not None and not node.unlinked
         src_dir = self.table.dirfd(node.parent, node.layer)
-        dst_dir = self.table.dirfd(node.parent, UPPER)
         lst = os.stat(node.name, dir_fd=src_dir, follow_symlinks=False)
         if ident(lst) != node.ident:
             raise stale(node.name)
-        ust = copy_up(self.work, src_dir, node.name, lst, dst_dir, data and not node.is_dir,
-                      self.fsync and not node.is_dir)
+        return Copy(self.work, src_dir, node.name, lst, data and not node.is_dir,
+                    self.fsync and not node.is_dir)
+
+    def end(self, node: Node, copy: Copy) -> None:
+        """Seal a filled copy and put it in place of node (its open handles move to it)."""
+        assert node.parent is not None
+        try:
+            copy.seal()
+            dst_dir = self.table.dirfd(node.parent, UPPER)
+            ust = copy.into(dst_dir)
+        except BaseException:
+            copy.discard()
+            raise
         self.table.copied_up(node, ust)
         if not node.is_dir:
             self.moved(node, dst_dir)

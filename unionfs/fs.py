@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
+import trio
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields, StatvfsData
 
 from common.kernel import RENAME_EXCHANGE, RENAME_WHITEOUT, fallocate, renameat2
@@ -54,10 +55,21 @@ _NOT_BACKING = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
 _BACKING = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+class _Busy(Exception):
+    """A request met a node that long work (a copy-up) is changing: it waits
+    for that work, then starts over. Raised before the request changed anything."""
+
+    def __init__(self, done: trio.Event) -> None:
+        super().__init__()
+        self.done = done
+
+
 def _guarded(cls: type[pyfuse3.Operations]) -> type[pyfuse3.Operations]:
     """Wrap every FUSE handler so that no exception can end the session loop:
     real-filesystem errors reach the caller as the same errno, and a bug costs
-    one request (EIO, logged), not the whole mount. After each request the
+    one request (EIO, logged), not the whole mount. A request that meets a busy
+    node detaches from the request loop, waits for it and starts over (requests
+    on one node that must not overlap are serialized). After each request the
     directory-fd cache is trimmed to its bound."""
     for name, fn in list(vars(cls).items()):
         if inspect.iscoroutinefunction(fn) and hasattr(pyfuse3.Operations, name):
@@ -65,7 +77,12 @@ def _guarded(cls: type[pyfuse3.Operations]) -> type[pyfuse3.Operations]:
                 @functools.wraps(fn)
                 async def handler(self: UnionFS, *args: Any) -> Any:
                     try:
-                        return await fn(self, *args)
+                        while True:
+                            try:
+                                return await fn(self, *args)
+                            except _Busy as busy:
+                                await pyfuse3.detach()
+                                await busy.done.wait()
                     except FUSEError:
                         raise
                     except OSError as e:
@@ -109,7 +126,11 @@ class UnionFS(pyfuse3.Operations):
         self.table = InodeTable(self.stack, self.stack.root_entry())
         self.copyup = CopyUp(self.table, self.work, opts.fsync, self._moved) if self.work else None
         self.handles: dict[int, DirHandle | FileHandle] = {}
+        # Nodes with long work in flight (by inode number), set when it is done.
+        self.busy: dict[int, trio.Event] = {}
         self._next_fh = 1
+        self._readbuf = bytearray()
+        self._nowait = True
         self.timeout = opts.timeout
 
     def close(self) -> None:
@@ -129,7 +150,45 @@ class UnionFS(pyfuse3.Operations):
         node = self.table.nodes.get(ino)
         if node is None:
             raise FUSEError(errno.ESTALE)
+        if self.busy:
+            self._idle(node)
         return node
+
+    def _idle(self, node: Node) -> None:
+        """Raise _Busy if long work is changing node (see _guarded)."""
+        done = self.busy.get(node.ino)
+        if done is not None:
+            raise _Busy(done)
+
+    async def _copied_up(self, node: Node, data: bool = True) -> None:
+        """Bring node into the upper (see copyup.CopyUp). A regular file's data and
+        fsync, which take seconds for a big file, run in a worker thread while the
+        handler is detached from the request loop: other requests go on being
+        answered, those on node wait (_Busy) until the copy is in place."""
+        if node.in_upper:
+            return
+        copyup = self._copyup()
+        if node.is_dir or node.parent is None:
+            copyup.node(node, data)
+            return
+        copyup.node(node.parent)
+        copy = copyup.begin(node, data)
+        if not copy.long:
+            copy.fill()
+            copyup.end(node, copy)
+            return
+        done = self.busy[node.ino] = trio.Event()
+        try:
+            await pyfuse3.detach()
+            try:
+                await trio.to_thread.run_sync(copy.fill)
+            except BaseException:
+                copy.discard()
+                raise
+            copyup.end(node, copy)
+        finally:
+            del self.busy[node.ino]
+            done.set()
 
     def _fh(self, handle: DirHandle | FileHandle) -> int:
         fh = self._next_fh
@@ -228,7 +287,14 @@ class UnionFS(pyfuse3.Operations):
         entry = self._resolve(parent, name)
         if entry is None:
             raise FUSEError(errno.ENOENT)
-        return entry, self.table.attach(parent, name, entry)
+        node = self.table.attach(parent, name, entry)
+        if self.busy:
+            try:
+                self._idle(node)
+            except _Busy:
+                self.table.drop_unused(node)
+                raise
+        return entry, node
 
     def _in_lowers(self, parent: Node, name: str) -> bool:
         """Whether removing the upper's `name` would uncover something: then a
@@ -333,7 +399,7 @@ class UnionFS(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: EntryAttributes, fields: SetattrFields,
                       fh: int | None, ctx: RequestContext) -> EntryAttributes:
         node = self._node(inode)
-        self._copyup().node(node, data=not (fields.update_size and attr.st_size == 0))
+        await self._copied_up(node, data=not (fields.update_size and attr.st_size == 0))
         handle = self.handles.get(fh) if fh is not None else None
         fd = handle.fd if isinstance(handle, FileHandle) else None
         if fd is None:
@@ -418,9 +484,9 @@ class UnionFS(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         if node.unlinked:
             raise FUSEError(errno.ENOENT)
+        await self._copied_up(node)
         if self._resolve(parent, name) is not None:
             raise FUSEError(errno.EEXIST)
-        self._copyup().node(node)
         self._copyup().node(parent)
         src_dir, src = self._where(node)
         self._stat(node)  # still the file looked up
@@ -482,6 +548,15 @@ class UnionFS(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: RequestContext) -> None:
         old_parent, new_parent = self._node(parent_inode_old), self._node(parent_inode_new)
         old, new = os.fsdecode(name_old), os.fsdecode(name_new)
+        # A lower file to move is copied up first, its data off the request loop.
+        moving = [(old_parent, old)] + ([(new_parent, new)] if flags & pyfuse3.RENAME_EXCHANGE else [])
+        for parent, name in moving:
+            entry, node = self._child(parent, name)
+            try:
+                if not entry.is_dir:
+                    await self._copied_up(node)
+            finally:
+                self.table.drop_unused(node)
         if flags & pyfuse3.RENAME_EXCHANGE:
             self._exchange(old_parent, old, new_parent, new)
         else:
@@ -604,7 +679,7 @@ class UnionFS(pyfuse3.Operations):
         node = self._node(inode)
         copied = False
         if flags & WRITE_FLAGS and not node.in_upper:
-            self._copyup().node(node, data=not flags & os.O_TRUNC)
+            await self._copied_up(node, data=not flags & os.O_TRUNC)
             copied = True
         bflags = (flags & ~_NOT_BACKING) | _BACKING
         if node.unlinked:
@@ -641,10 +716,43 @@ class UnionFS(pyfuse3.Operations):
         h = self.handles.get(fh)
         if not isinstance(h, FileHandle):
             raise FUSEError(errno.EBADF)
+        if self.busy:
+            self._idle(h.node)
         return h
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._file(fh).fd, size, off)
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        """Data in the page cache is read here; data that must come from the disk
+        (a cold read waits milliseconds) is read in a worker thread, the handler
+        detached. preadv2(RWF_NOWAIT) tells which, without blocking; the inline
+        read goes into one reused buffer, which pyfuse3 replies from at once."""
+        fd = self._file(fh).fd
+        n = 0
+        if self._nowait:
+            if len(self._readbuf) < size:
+                self._readbuf = bytearray(size)
+            view = memoryview(self._readbuf)[:size]
+            try:
+                n = os.preadv(fd, (view,), off, os.RWF_NOWAIT)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                self._nowait = False  # the layer's filesystem cannot say: read inline
+                return os.pread(fd, size, off)
+            if n == size or (n > 0 and off + n >= os.fstat(fd).st_size):
+                return view[:n]
+            if n == 0 and off >= os.fstat(fd).st_size:
+                return b""
+            head = bytes(view[:n])
+        else:
+            return os.pread(fd, size, off)
+        fd = os.dup(fd)  # the handle may be released while the thread reads
+        try:
+            await pyfuse3.detach()
+            return head + await trio.to_thread.run_sync(os.pread, fd, size - n, off + n)
+        finally:
+            os.close(fd)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return os.pwrite(self._file(fh).fd, buf, off)
@@ -659,17 +767,23 @@ class UnionFS(pyfuse3.Operations):
         if h is not None:
             self.table.release_handle(h.node)
 
+    async def _long(self, fds: Sequence[int], call: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking call on fds (duplicated: a handle may be released
+        meanwhile) in a worker thread, the handler detached from the request loop."""
+        own = [os.dup(fd) for fd in fds]
+        try:
+            await pyfuse3.detach()
+            return await trio.to_thread.run_sync(functools.partial(call, *own, *args))
+        finally:
+            for fd in own:
+                os.close(fd)
+
     async def fsync(self, fh: int, datasync: bool) -> None:
-        if not self.opts.fsync:
-            return
-        fd = self._file(fh).fd
-        if datasync:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
+        if self.opts.fsync:
+            await self._long([self._file(fh).fd], os.fdatasync if datasync else os.fsync)
 
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        fallocate(self._file(fh).fd, mode, offset, length)
+        await self._long([self._file(fh).fd], fallocate, mode, offset, length)
 
     async def lseek(self, fh: int, off: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE (the only ones the kernel asks for) on the backing
@@ -681,7 +795,8 @@ class UnionFS(pyfuse3.Operations):
         """Copy between two open files of the mount in the kernel (a reflink where the
         filesystem shares extents). EXDEV (layers on different filesystems) makes
         the kernel fall back to copying through reads and writes, as before."""
-        return os.copy_file_range(self._file(fh_in).fd, self._file(fh_out).fd, length, off_in, off_out)
+        return int(await self._long([self._file(fh_in).fd, self._file(fh_out).fd], os.copy_file_range,
+                                    length, off_in, off_out))
 
     # ---- directories ---------------------------------------------------------------------
 
@@ -775,7 +890,7 @@ class UnionFS(pyfuse3.Operations):
         if is_private_xattr(sname):
             raise FUSEError(errno.EPERM)
         node = self._node(inode)
-        self._copyup().node(node)
+        await self._copied_up(node)
         target, kw = self._xattr_target(node)
         os.setxattr(target, sname, value, **kw)
 
@@ -786,7 +901,7 @@ class UnionFS(pyfuse3.Operations):
         node = self._node(inode)
         target, kw = self._xattr_target(node)
         os.getxattr(target, sname, **kw)  # ENODATA before any copy-up
-        self._copyup().node(node)
+        await self._copied_up(node)
         target, kw = self._xattr_target(node)
         os.removexattr(target, sname, **kw)
 
