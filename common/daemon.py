@@ -14,9 +14,11 @@ libfuse's own complaints still reach the caller's stderr.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from common.errors import StrataError
 
@@ -100,3 +102,19 @@ def _run_child(child: Callable[[Notifier], int], notifier: Notifier, double_fork
     finally:
         notifier.fail("")  # no-op once reported: a child that said nothing died while starting
         os._exit(status)
+
+
+def set_title(argv: Sequence[str]) -> None:
+    """Show argv as this process's command line (/proc/PID/cmdline, ps, pkill -f):
+    a daemon forked from a resident service should look like the command that asked
+    for it, as a mount daemon of fuse-overlayfs does. The kernel shows the memory
+    where the original arguments were (arg_start..arg_end in /proc/self/stat), so
+    the new line is written there, cut to fit and padded with NULs; a process
+    that needs room starts with a long last argument to make it."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])  # fields 48 and 49 of proc(5)
+    size = end - start
+    if size <= 1:
+        return
+    line = b"\0".join(os.fsencode(a) for a in argv)[: size - 1]
+    ctypes.memmove(start, line.ljust(size, b"\0"), size)

@@ -112,3 +112,14 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+CLONE_NEWNS = 0x00020000
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """setns(2), which os has only from Python 3.12: join the namespace fd refers to."""
+    if libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import ctypes
 import os
 
+from common.kernel import CLONE_NEWNS as CLONE_NEWNS
 from common.kernel import libc as _libc
+from common.kernel import setns as setns
 
 _libc.unshare.argtypes = [ctypes.c_int]
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.syscall.restype = ctypes.c_long
 
-CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
@@ -34,10 +34,6 @@ def _check(ret: int, what: str) -> None:
 
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
-
-
-def setns(fd: int, nstype: int = 0) -> None:
-    _check(_libc.setns(fd, nstype), "setns")
 
 
 def pivot_root(new_root: str, put_old: str) -> None:

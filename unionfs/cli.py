@@ -158,6 +158,7 @@ def _raise_fd_limit() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parser().parse_args(argv)
         if args.version:
@@ -189,14 +190,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         _serve(ops, mountpoint)
         return 0
-    return _daemonize(opts, mountpoint)
+    return _daemonize(opts, mountpoint, argv)
 
 
-def _daemonize(opts: options.MountOptions, mountpoint: str) -> int:
+def _daemonize(opts: options.MountOptions, mountpoint: str, argv: Sequence[str]) -> int:
     """Mount in a daemon (common.daemon): exit 0 only once the mount is live (it has
     answered a request and its read-ahead is set), else 1 with the daemon's reason."""
 
     def serve(notify: daemon.Notifier) -> int:
+        daemon.set_title([PROG, *argv])  # forked by the mount service, it must still look like one
         ops = _mount(opts, mountpoint, False)  # before quiet(): libfuse's complaints reach the caller
         daemon.quiet()
         _serve(ops, mountpoint, notify.ready)
@@ -207,8 +209,16 @@ def _daemonize(opts: options.MountOptions, mountpoint: str) -> int:
     except StrataError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
-    os._exit(0)  # nothing to flush; skipping interpreter teardown is ~15 ms of every mount
+    return 0
+
+
+def run() -> None:
+    """main() as a program: exit without interpreter teardown (~15 ms of every mount)."""
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

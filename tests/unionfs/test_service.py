@@ -1,0 +1,118 @@
+"""The mount service behind `strata-unionfs`: mounts it makes look and behave
+as the command's own, land in the caller's mount namespace, and outlive it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from unionfs import launch, service
+
+from .support import STRATA, daemon_pids, is_mounted, layer_dirs, mounted, unmount
+
+
+def _service_pid() -> int | None:
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "cmdline").read_bytes().startswith(b"strata-unionfs\0(mount service)"):
+                    return int(p.name)
+            except OSError:
+                continue
+    return None
+
+
+def _wait_for_service() -> int:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        pid = _service_pid()
+        if pid is not None and os.path.exists(launch.socket_path(service.__file__)):
+            return pid
+        time.sleep(0.05)
+    raise AssertionError("the mount service did not start")
+
+
+@pytest.fixture
+def fresh_service() -> Iterator[None]:
+    """No service at the start (the next mount starts one); none left at the end."""
+    service.stop()
+    yield
+    service.stop()
+
+
+def test_a_mount_starts_the_service_and_the_next_goes_through_it(tmp_path: Path,
+                                                                 fresh_service: None) -> None:
+    lowers, upper, work, mnt = layer_dirs(tmp_path, 1)
+    (lowers[0] / "f").write_text("lower\n")
+    with mounted("strata", lowers, upper, work, mnt):  # mounts itself, starts the service
+        assert (mnt / "f").read_text() == "lower\n"
+    pid = _wait_for_service()
+    with mounted("strata", lowers, upper, work, mnt):
+        (daemon,) = daemon_pids(mnt)  # shown as `strata-unionfs -o ... MNT`
+        assert daemon != pid
+        with open(f"/proc/{daemon}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) != pid  # not the service's child
+        (mnt / "g").write_text("upper\n")
+    assert (upper / "g").read_text() == "upper\n"
+    assert _service_pid() == pid
+
+
+def test_a_live_mount_survives_the_service(tmp_path: Path, fresh_service: None) -> None:
+    lowers, upper, work, mnt = layer_dirs(tmp_path, 1)
+    (lowers[0] / "f").write_text("lower\n")
+    subprocess.run([STRATA, "-o", f"lowerdir={lowers[0]},upperdir={upper},workdir={work}", str(mnt)],
+                   check=True)
+    unmount(mnt)
+    pid = _wait_for_service()
+    try:
+        subprocess.run([STRATA, "-o", f"lowerdir={lowers[0]},upperdir={upper},workdir={work}", str(mnt)],
+                       check=True)
+        os.kill(pid, signal.SIGKILL)
+        assert (mnt / "f").read_text() == "lower\n"
+        (mnt / "f").write_text("changed\n")
+        assert (upper / "f").read_text() == "changed\n"
+        # The next mount finds a dead socket, mounts by itself and starts a new service.
+        other = tmp_path / "other"
+        other.mkdir()
+        subprocess.run([STRATA, "-o", f"lowerdir={lowers[0]}", str(other)], check=True)
+        try:
+            assert (other / "f").read_text() == "lower\n"
+        finally:
+            unmount(other)
+        assert _wait_for_service() != pid
+    finally:
+        unmount(mnt)
+
+
+def test_a_mount_lands_in_the_callers_mount_namespace(tmp_path: Path, fresh_service: None) -> None:
+    lowers, upper, work, mnt = layer_dirs(tmp_path, 1)
+    (lowers[0] / "f").write_text("lower\n")
+    opts = f"lowerdir={lowers[0]},upperdir={upper},workdir={work}"
+    subprocess.run([STRATA, "-o", opts, str(mnt)], check=True)
+    unmount(mnt)
+    _wait_for_service()
+    script = f"{STRATA} -o {opts} {mnt} && cat {mnt}/f && umount {mnt}"
+    out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-ec", script],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "lower\n"
+    assert not is_mounted(mnt)  # never in this namespace
+
+
+def test_errors_reach_the_caller_through_the_service(tmp_path: Path, fresh_service: None) -> None:
+    lowers, upper, work, mnt = layer_dirs(tmp_path, 1)
+    subprocess.run([STRATA, "-o", f"lowerdir={lowers[0]}", str(mnt)], check=True)
+    unmount(mnt)
+    _wait_for_service()
+    out = subprocess.run([STRATA, "-o", f"lowerdir={tmp_path}/missing", str(mnt)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.startswith("strata-unionfs: ") and "missing" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not is_mounted(mnt)

@@ -1,0 +1,150 @@
+"""The resident mount service behind `strata-unionfs` (unionfs.launch): keeps
+the daemon's imports loaded and forks a mount for each request, so a mount
+costs a fork instead of a Python start-up.
+
+One service per installation, listening on launch.socket_path() (a
+SOCK_SEQPACKET socket in a root-only directory; only root's requests are
+taken). A request is the command's arguments with four fds: its working
+directory, its mount namespace, its stdout and stderr. For each, a child is
+forked that joins that namespace and directory, runs unionfs.cli.main with
+those arguments and stdio (the same command line, the same messages, the same
+daemon that exits 0 only once the mount is live) and sends back its status.
+
+Mount daemons are not the service's: each is a double-forked daemon of its
+own, so a mount that is live keeps working when the service restarts or dies.
+The service stops by itself when its code changes on disk (it would serve
+mounts with old code) or on SIGTERM; the next mount starts a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from common import daemon, kernel
+
+from . import cli, launch
+
+_FDS = 4
+
+
+def _code_stamp() -> tuple[tuple[str, int], ...]:
+    here = Path(__file__).parent
+    return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in here.glob("*.py")))
+
+
+def _bind(path: str) -> socket.socket | None:
+    """Listen on path, unless another service answers there already."""
+    os.makedirs(launch.SERVICE_DIR, mode=0o700, exist_ok=True)
+    os.chmod(launch.SERVICE_DIR, 0o700)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with probe:
+        try:
+            probe.connect(path)
+            return None
+        except OSError:
+            pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    tmp = f"{path}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    old = os.umask(0o177)
+    try:
+        sock.bind(tmp)
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    os.rename(tmp, path)  # atomic: a client sees the old socket or this one
+    return sock
+
+
+def _serve_one(conn: socket.socket, msg: bytes, fds: list[int]) -> None:
+    """In the forked child: become the caller's mount command and answer its status."""
+    status = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        cwd, ns, out, err = fds
+        conn.send(b"+")
+        if os.fstat(ns).st_ino != os.stat("/proc/self/ns/mnt").st_ino:
+            kernel.setns(ns, kernel.CLONE_NEWNS)
+        os.fchdir(cwd)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        for fd in fds:
+            os.close(fd)
+        body = msg[1:].decode("utf-8", "surrogateescape")
+        argv = body.split("\0") if body else []
+        status = cli.main(argv)
+    except BaseException as e:  # the caller must get an answer, whatever happened
+        with contextlib.suppress(OSError):
+            os.write(2, f"{cli.PROG}: {e}\n".encode())
+    finally:
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            conn.send(str(status).encode())
+        os._exit(0)
+
+
+def _peer_is_root(conn: socket.socket) -> bool:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(creds[4:8], sys.byteorder) == 0
+
+
+def serve(path: str) -> int:
+    sock = _bind(path)
+    if sock is None:
+        return 0  # one is running
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
+    stamp = _code_stamp()
+    with sock:
+        while True:
+            conn, _ = sock.accept()
+            with conn:
+                if not _peer_is_root(conn):
+                    continue
+                try:
+                    msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, _FDS)
+                except OSError:
+                    continue
+                try:
+                    if msg == b"S" or _code_stamp() != stamp:
+                        break  # a caller falls back to mounting itself
+                    if len(fds) == _FDS and msg.startswith(b"M") and os.fork() == 0:
+                        sock.close()
+                        _serve_one(conn, msg, fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(path).st_ino == os.fstat(sock.fileno()).st_ino:
+            os.unlink(path)
+    return 0
+
+
+def stop(path: str | None = None) -> None:
+    """Stop the service of this installation if one runs (the tests end with
+    it); mounts it made stay live."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+        try:
+            conn.connect(path or launch.socket_path())
+            conn.send(b"S")
+            conn.recv(1)  # EOF once it has closed its socket
+        except OSError:
+            pass
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print(f"{cli.PROG}: the mount service runs as root only", file=sys.stderr)
+        return 1
+    daemon.set_title([cli.PROG, "(mount service)"])
+    return serve(launch.socket_path())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
