@@ -72,6 +72,7 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks $(if $(FULL),--full,)
+	$(PY) -m benchmarks.run_latency -n $(if $(FULL),20,5)
 
 clean:
 	rm -rf $(VENV) build .stamp-apt .stamp-pyfuse3 .stamp-venv

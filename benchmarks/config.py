@@ -18,6 +18,8 @@ class Config:
     rm_files: int  # files in the lower directory rm -rf removes
     fio_reads: int  # 4 KiB random reads per fio sample
     scaling_files: int  # files spread over the lower layers in the scaling rows
+    stall_mib: int  # the lower file whose copy-up the stall rows watch another reader through
+    small_files: int = 2000  # 2 KiB files the small-file tar row reads
     layer_counts: tuple[int, ...] = (1, 8, 32, 128)
     reps: int = 5
     timeout: float = 900.0  # seconds one sample may take before it is abandoned
@@ -33,6 +35,7 @@ FULL = Config(
     rm_files=1000,
     fio_reads=65_536,
     scaling_files=10_000,
+    stall_mib=1024,
     reps=5,
 )
 
@@ -45,6 +48,7 @@ QUICK = Config(
     rm_files=200,
     fio_reads=4096,
     scaling_files=500,
+    stall_mib=256,
     reps=3,
     timeout=120.0,
     note="quick set (`make bench`): smaller tree and files, fewer repetitions; "

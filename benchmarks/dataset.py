@@ -22,6 +22,9 @@ SCALING_DIRS = 10
 TREE = "tree"
 BIG = "big.bin"
 RMDIR = "rmme"
+STALL = "stall.bin"
+SMALL = "small"
+SMALL_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,16 @@ def build(root: Path, cfg: Config, log: Callable[[str], None]) -> Dataset:
         if shadowed:
             w.write(top / rel, size, variant=1)
         w.write(plain / rel, size, variant=1 if shadowed else 0)
+    log(f"building a {cfg.stall_mib} MiB file and {cfg.small_files} files of {SMALL_SIZE} bytes")
     for base in (bottom, plain):
         _write_big(base / BIG, cfg.big_mib, w)
+        _write_big(base / STALL, cfg.stall_mib, w)
         (base / RMDIR).mkdir()
         for k in range(cfg.rm_files):
             w.write(base / RMDIR / f"f{k:04d}", 4096)
+        (base / SMALL).mkdir()
+        for k in range(cfg.small_files):
+            w.write(base / SMALL / f"f{k:05d}", SMALL_SIZE, variant=k % 64)
 
     log(f"building {'/'.join(map(str, cfg.layer_counts))} lower layers over {cfg.scaling_files} files")
     scaling: dict[int, Stack] = {}

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .dataset import BIG, RMDIR, TREE, Dataset, Stack
+from .dataset import BIG, RMDIR, SMALL, SMALL_SIZE, STALL, TREE, Dataset, Stack
 
 COLD, WARM, FRESH = "cold", "warm", "fresh"
 GROUPS = ("mount", "metadata", "read", "write")
@@ -85,18 +86,74 @@ def _dd(s: Sample) -> float:
     return _timed(["dd", f"if={s.root / BIG}", "of=/dev/null", "bs=1M"], s)
 
 
-def _tar(s: Sample) -> float:
-    # Piped through cat: GNU tar skips reading file data when writing to /dev/null.
-    start = time.perf_counter()
-    cmd = ["tar", "-cf", "-", "-C", str(s.root), TREE]
-    with subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as cat:
-        done = subprocess.run(cmd, stdout=cat.stdin, stderr=subprocess.PIPE, text=True, timeout=s.timeout)
-        assert cat.stdin is not None
-        cat.stdin.close()
-        cat.wait(s.timeout)
-    elapsed = time.perf_counter() - start
-    _check(cmd, done.returncode, done.stderr)
-    return elapsed
+def _tar(name: str) -> Callable[[Sample], float]:
+    def run(s: Sample) -> float:
+        # Piped through cat: GNU tar skips reading file data when writing to /dev/null.
+        start = time.perf_counter()
+        cmd = ["tar", "-cf", "-", "-C", str(s.root), name]
+        with subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as cat:
+            done = subprocess.run(cmd, stdout=cat.stdin, stderr=subprocess.PIPE, text=True, timeout=s.timeout)
+            assert cat.stdin is not None
+            cat.stdin.close()
+            cat.wait(s.timeout)
+        elapsed = time.perf_counter() - start
+        _check(cmd, done.returncode, done.stderr)
+        return elapsed
+
+    return run
+
+
+# Another process's loop during a copy-up: stat + open + read of a small file, 1 ms
+# apart, each timed (start on CLOCK_MONOTONIC, which all processes share), until
+# its stdin closes; prints the (start, seconds) pairs.
+_READER = """
+import json, os, sys, threading, time
+path, out, stop = sys.argv[1], [], threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+print("ready", flush=True)
+while not stop.is_set():
+    t = time.monotonic()
+    os.stat(path)
+    with open(path, "rb") as f:
+        f.read()
+    out.append((t, time.monotonic() - t))
+    time.sleep(0.001)
+print(json.dumps(out))
+"""
+
+
+def _stall(stat: Callable[[list[float]], float]) -> Callable[[Sample], float]:
+    """What another reader waits while a big lower file is copied up (appended to)."""
+
+    def run(s: Sample) -> float:
+        cmd = [sys.executable, "-c", _READER, str(s.root / SMALL / "f00000")]
+        with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as reader:
+            assert reader.stdin is not None and reader.stdout is not None
+            try:
+                if reader.stdout.readline().strip() != "ready":
+                    raise RuntimeError("the reader did not start")
+                time.sleep(0.05)
+                start = time.monotonic()
+                with open(s.root / STALL, "ab") as f:
+                    f.write(b"x")
+                end = time.monotonic()
+                time.sleep(0.05)  # a few reads after it, in case none overlapped a short one
+            finally:
+                reader.stdin.close()
+            out = reader.stdout.read()
+            reader.wait(s.timeout)
+        after = [(t, w) for t, w in json.loads(out) if t + w >= start]
+        if not after:
+            raise RuntimeError("the reader stopped before the copy-up")
+        # The reads that overlapped it; a copy-up shorter than one read: the read it met.
+        waits = [w for t, w in after if t <= end] or [after[0][1]]
+        return stat(waits)
+
+    return run
+
+
+def _p99(values: list[float]) -> float:
+    return sorted(values)[min(len(values) - 1, int(len(values) * 0.99))]
 
 
 def _fio(reads: int, big_mib: int) -> Callable[[Sample], float]:
@@ -190,7 +247,11 @@ def build(cfg: Config, ds: Dataset) -> list[Workload]:
             _fio(cfg.fio_reads, cfg.big_mib),
             warm_up=_dd,  # the same pages cached, without fio's start-up
         ),
-        Workload("tar-warm", f"tar of the tree ({mib:.0f} MiB), warm", "read", WARM, m, _tar),
+        Workload("tar-warm", f"tar of the tree ({mib:.0f} MiB), warm", "read", WARM, m, _tar(TREE)),
+        Workload("tar-small-warm", f"tar of {cfg.small_files} files of {SMALL_SIZE} B, warm", "read", WARM, m,
+                 _tar(SMALL)),
+        Workload("tar-small-cold", f"tar of {cfg.small_files} files of {SMALL_SIZE} B, cold", "read", COLD, m,
+                 _tar(SMALL)),
         Workload(
             "copy-up",
             f"copy-up: append 1 byte to a {cfg.big_mib} MiB lower file",
@@ -199,6 +260,24 @@ def build(cfg: Config, ds: Dataset) -> list[Workload]:
             m,
             _copy_up,
             writes=(BIG,),
+        ),
+        Workload(
+            "stall-p99",
+            f"another reader's p99 wait during a {cfg.stall_mib} MiB copy-up",
+            "write",
+            FRESH,
+            m,
+            _stall(_p99),
+            writes=(STALL, SMALL),  # the plain baseline needs the file the reader reads
+        ),
+        Workload(
+            "stall-max",
+            f"another reader's longest wait during a {cfg.stall_mib} MiB copy-up",
+            "write",
+            FRESH,
+            m,
+            _stall(max),
+            writes=(STALL, SMALL),  # the plain baseline needs the file the reader reads
         ),
         Workload(
             "create",
