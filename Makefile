@@ -14,7 +14,8 @@ SBIN   := /usr/local/sbin
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch attr psmisc e2fsprogs \
 	fuse-overlayfs unionfs-fuse fio \
 	docker.io podman docker-registry skopeo busybox-static iproute2 iputils-ping xfsprogs \
-	libseccomp2 golang-github-containers-common
+	libseccomp2 golang-github-containers-common \
+	meson ninja-build curl ca-certificates
 
 .PHONY: all deps venv install test lint demo bench clean
 all: install
@@ -33,18 +34,38 @@ deps: .stamp-apt
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# libfuse 3.17 from Debian's source (trixie's fuse3 package, checked against the
+# sha256 its .dsc lists): FUSE passthrough needs libfuse >= 3.17 and Debian 12 has
+# 3.14. Built into build/libfuse (library only); the system's libfuse is untouched
+# and only our pyfuse3 links to this one (by rpath).
+LIBFUSE_VERSION := 3.17.2
+LIBFUSE_SHA256  := 3d932431ad94e86179e5265cddde1d67aa3bb2fb09a5bd35c641f86f2b5ed06f
+LIBFUSE_URL     := https://deb.debian.org/debian/pool/main/f/fuse3/fuse3_$(LIBFUSE_VERSION).orig.tar.gz
+LIBFUSE         := $(CURDIR)/build/libfuse
+LIBFUSE_SRC     := $(CURDIR)/build/libfuse-src
+.stamp-libfuse: .stamp-apt
+	rm -rf $(LIBFUSE) $(LIBFUSE_SRC) && mkdir -p $(LIBFUSE_SRC)
+	curl -fsSL --retry 3 -o $(LIBFUSE_SRC).tar.gz $(LIBFUSE_URL)
+	echo "$(LIBFUSE_SHA256)  $(LIBFUSE_SRC).tar.gz" | sha256sum -c --quiet
+	tar -xzf $(LIBFUSE_SRC).tar.gz -C $(LIBFUSE_SRC) --strip-components=1
+	cd $(LIBFUSE_SRC) && meson setup _build --prefix=$(LIBFUSE) --libdir=lib -Dexamples=false \
+		-Dutils=false -Dtests=false -Ddisable-mtab=true >/dev/null && ninja -C _build install >/dev/null
+	@touch $@
+
 # pyfuse3 with a small patch of ours (unionfs/pyfuse3.patch, its head says what each
 # part does and what it measured): listings the kernel may cache, a main loop without
-# trio, faster import. Built from PyPI's sdist; written so it can be offered upstream.
+# trio, faster import, handlers inline until they detach, passthrough. Built from
+# PyPI's sdist against the libfuse above; written so it can be offered upstream.
 PYFUSE3_VERSION := 3.5.0
 PYFUSE3_BUILD   := $(CURDIR)/build/pyfuse3
-.stamp-pyfuse3: unionfs/pyfuse3.patch .stamp-apt | $(PY)
+.stamp-pyfuse3: unionfs/pyfuse3.patch .stamp-libfuse | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	rm -rf $(PYFUSE3_BUILD) && mkdir -p $(PYFUSE3_BUILD)
 	$(PY) -m pip download -q --no-deps --no-binary pyfuse3 -d $(PYFUSE3_BUILD) pyfuse3==$(PYFUSE3_VERSION)
 	tar -xzf $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION).tar.gz -C $(PYFUSE3_BUILD)
 	patch -s -d $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION) -p1 < unionfs/pyfuse3.patch
-	$(PY) -m pip install -q --force-reinstall --no-deps $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION)
+	PKG_CONFIG_PATH=$(LIBFUSE)/lib/pkgconfig LDFLAGS=-Wl,-rpath,$(LIBFUSE)/lib \
+		$(PY) -m pip install -q --force-reinstall --no-deps $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION)
 	@touch $@
 
 .stamp-venv: pyproject.toml .stamp-pyfuse3
@@ -75,4 +96,4 @@ bench: install
 	$(PY) -m benchmarks.run_latency -n $(if $(FULL),20,5)
 
 clean:
-	rm -rf $(VENV) build .stamp-apt .stamp-pyfuse3 .stamp-venv
+	rm -rf $(VENV) build .stamp-apt .stamp-libfuse .stamp-pyfuse3 .stamp-venv

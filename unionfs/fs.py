@@ -112,6 +112,17 @@ class FileHandle:
     flags: int
 
 
+@dataclass
+class Io:
+    """How the kernel does I/O on the open files of one inode: all through one
+    backing file (passthrough, `backing` > 0), or all through requests. The
+    kernel refuses a second backing file for an inode, and a passthrough open
+    beside one that uses the page cache (the open fails with EIO)."""
+
+    backing: int
+    opens: int = 0
+
+
 @_guarded
 class UnionFS(pyfuse3.Operations):
     supports_dot_lookup = True
@@ -126,12 +137,56 @@ class UnionFS(pyfuse3.Operations):
         self.table = InodeTable(self.stack, self.stack.root_entry())
         self.copyup = CopyUp(self.table, self.work, opts.fsync, self._moved) if self.work else None
         self.handles: dict[int, DirHandle | FileHandle] = {}
+        self.io: dict[int, Io] = {}  # by inode number, while it has open files
+        self.enable_passthrough = opts.passthrough
         # Nodes with long work in flight (by inode number), set when it is done.
         self.busy: dict[int, trio.Event] = {}
         self._next_fh = 1
         self._readbuf = bytearray()
         self._nowait = True
         self.timeout = opts.timeout
+
+    def _open_file(self, node: Node, fd: int, flags: int, keep_cache: bool) -> FileInfo:
+        """The handle of a new open of a regular file, and how the kernel is to do
+        its I/O: through one backing file per inode (passthrough), or through
+        requests, as every other open of that inode already does.
+
+        Passthrough only where no copy-up can follow: a file in the upper layer,
+        or any file of a read-only mount. The kernel keeps an open file on the
+        backing file it was given and allows one per inode, so a lower file open
+        that way when another process first writes it could neither move to the
+        copy (readers left on old data) nor let the writer open the copy (the
+        kernel answers EBUSY, or EINVAL for a non-passthrough open beside it).
+        The kernel refuses FOPEN_KEEP_CACHE with passthrough (EIO): not set."""
+        io = self.io.get(node.ino)
+        if io is None:
+            io = self.io[node.ino] = Io(self._backing(node, fd))
+        io.opens += 1
+        fh = self._fh(FileHandle(node, fd, flags))
+        if io.backing:
+            return FileInfo(fh=fh, keep_cache=False, backing_id=io.backing)
+        return FileInfo(fh=fh, keep_cache=keep_cache)
+
+    def _backing(self, node: Node, fd: int) -> int:
+        if not (self.opts.passthrough and (node.in_upper or self.readonly)):
+            return 0
+        if not pyfuse3.passthrough_enabled():
+            return 0
+        try:
+            return pyfuse3.passthrough_open(fd)
+        except OSError as e:  # a backing file the kernel will not stack on: requests, as before
+            log.debug("no passthrough for %s: %s", node.name, e)
+            return 0
+
+    def _closed_file(self, node: Node) -> None:
+        io = self.io.get(node.ino)
+        if io is None:
+            return
+        io.opens -= 1
+        if io.opens <= 0:
+            del self.io[node.ino]
+            if io.backing:
+                pyfuse3.passthrough_close(io.backing)
 
     def close(self) -> None:
         """Close every fd this mount holds in its layers (the session is over)."""
@@ -691,7 +746,7 @@ class UnionFS(pyfuse3.Operations):
             dirfd, name = self._where(node)
             fd = open_checked(dirfd, name, bflags, node.ident)
         # After a copy-up the kernel's cached pages are the lower file's: drop them.
-        return FileInfo(fh=self._fh(FileHandle(node, fd, flags)), keep_cache=not copied)
+        return self._open_file(node, fd, flags, keep_cache=not copied)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
@@ -709,8 +764,7 @@ class UnionFS(pyfuse3.Operations):
                 os.close(fd)
             raise
         self.table.lookup(node)
-        fh = self._fh(FileHandle(node, opened[0], flags))
-        return FileInfo(fh=fh, keep_cache=True), self._attrs(node, entry.st)
+        return self._open_file(node, opened[0], flags, keep_cache=True), self._attrs(node, entry.st)
 
     def _file(self, fh: int) -> FileHandle:
         h = self.handles.get(fh)
@@ -764,6 +818,7 @@ class UnionFS(pyfuse3.Operations):
         h = self.handles.pop(fh, None)
         if isinstance(h, FileHandle):
             os.close(h.fd)
+            self._closed_file(h.node)
         if h is not None:
             self.table.release_handle(h.node)
 

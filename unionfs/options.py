@@ -69,6 +69,8 @@ class MountOptions:
     # Kernel overlayfs's redirect_dir=on: a directory from a lower layer can be renamed.
     # Any other value answers EXDEV there, as the kernel does without redirects.
     redirect_dir: bool = True
+    # FUSE passthrough for the files where it is safe (see fs.UnionFS._open_file).
+    passthrough: bool = True
     fsname: str = "strata-unionfs"
     kernel_flags: list[str] = field(default_factory=list)
 
@@ -240,6 +242,12 @@ TABLE: tuple[Option, ...] = (
     Option(("redirect_dir",), "`redirect_dir=on` (default) / `off`, `follow`, `nofollow`",
            "whether a directory from a lower layer can be renamed; otherwise `EXDEV`, as the kernel's "
            "overlayfs", _set("redirect_dir", _redirect_dir)),
+    Option(("passthrough",), "`passthrough=1` (default) / `passthrough=0`",
+           "FUSE passthrough (kernel 6.9+): the kernel reads and writes the backing file itself, at "
+           "the kernel overlayfs's speed, for files in the upper layer and every file of a read-only "
+           "mount. Not for lower files of a writable mount: a copy-up cannot move the kernel's open "
+           "files off the lower copy. Where the kernel refuses, files are served through requests",
+           _set("passthrough", _bool_value)),
     Option(("static_nlink",), "`static_nlink`",
            "directories report a link count of 1 (as merged directories always do)",
            _static_nlink, takes_value=False),
