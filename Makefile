@@ -37,7 +37,9 @@ $(PY):
 # libfuse 3.17 from Debian's source (trixie's fuse3 package, checked against the
 # sha256 its .dsc lists): FUSE passthrough needs libfuse >= 3.17 and Debian 12 has
 # 3.14. Built into build/libfuse (library only); the system's libfuse is untouched
-# and only our pyfuse3 links to this one (by rpath).
+# and only our pyfuse3 links to this one (by rpath). IGNORE_MTAB: /etc/mtab is a
+# link to /proc/self/mounts, yet libfuse ran `mount -f` after every mount to
+# "update" it, ~5 ms of each.
 LIBFUSE_VERSION := 3.17.2
 LIBFUSE_SHA256  := 3d932431ad94e86179e5265cddde1d67aa3bb2fb09a5bd35c641f86f2b5ed06f
 LIBFUSE_URL     := https://deb.debian.org/debian/pool/main/f/fuse3/fuse3_$(LIBFUSE_VERSION).orig.tar.gz
@@ -49,7 +51,8 @@ LIBFUSE_SRC     := $(CURDIR)/build/libfuse-src
 	echo "$(LIBFUSE_SHA256)  $(LIBFUSE_SRC).tar.gz" | sha256sum -c --quiet
 	tar -xzf $(LIBFUSE_SRC).tar.gz -C $(LIBFUSE_SRC) --strip-components=1
 	cd $(LIBFUSE_SRC) && meson setup _build --prefix=$(LIBFUSE) --libdir=lib -Dexamples=false \
-		-Dutils=false -Dtests=false -Ddisable-mtab=true >/dev/null && ninja -C _build install >/dev/null
+		-Dutils=false -Dtests=false -Ddisable-mtab=true -Dc_args=-DIGNORE_MTAB >/dev/null && \
+		ninja -C _build install >/dev/null
 	@touch $@
 
 # pyfuse3 with a small patch of ours (unionfs/pyfuse3.patch, its head says what each
@@ -72,12 +75,18 @@ PYFUSE3_BUILD   := $(CURDIR)/build/pyfuse3
 	$(PY) -m pip install -q -e '.[test,bench]'
 	@touch $@
 
-# strata-unionfs runs with `python -IS`: no site, so it starts in ~10 ms and hands the
-# mount to the resident mount service (unionfs/launch.py says why).
-LAUNCHER := $(VENV)/bin/strata-unionfs
+# strata-unionfs: a small C program (unionfs/launcher.c) that hands the mount to the
+# resident mount service in a millisecond; when it cannot, the Python launcher
+# (unionfs/launch.py, run with `python -IS`) mounts by itself and starts the service.
+LAUNCHER    := $(VENV)/bin/strata-unionfs
+LAUNCHER_PY := $(VENV)/bin/strata-unionfs.py
 install: .stamp-venv
 	@printf '#!%s -IS\nimport sys\nsys.path.insert(0, "%s")\nfrom unionfs.launch import main\nsys.exit(main())\n' \
-		'$(PY)' '$(CURDIR)' > $(LAUNCHER).tmp && chmod 755 $(LAUNCHER).tmp && mv $(LAUNCHER).tmp $(LAUNCHER)
+		'$(PY)' '$(CURDIR)' > $(LAUNCHER_PY).tmp && chmod 755 $(LAUNCHER_PY).tmp && mv $(LAUNCHER_PY).tmp $(LAUNCHER_PY)
+	@sock=$$($(PY) -IS -c 'import sys; sys.path.insert(0, "$(CURDIR)"); \
+		from unionfs.launch import socket_path; print(socket_path())') && \
+		gcc -O2 -Wall -Wextra -Werror -o $(LAUNCHER).tmp -DSOCKET_PATH="\"$$sock\"" \
+		-DFALLBACK="\"$(LAUNCHER_PY)\"" unionfs/launcher.c && mv $(LAUNCHER).tmp $(LAUNCHER)
 	@ln -sf $(VENV)/bin/strata-unionfs $(SBIN)/strata-unionfs
 	@ln -sf $(VENV)/bin/strata $(SBIN)/strata
 

@@ -1,19 +1,18 @@
-"""The resident mount service behind `strata-unionfs` (unionfs.launch): keeps
-the daemon's imports loaded and forks a mount for each request, so a mount
-costs a fork instead of a Python start-up.
+"""The resident mount service behind `strata-unionfs` (unionfs/launcher.c,
+unionfs.launch): keeps the daemon's imports loaded and forks a mount for each
+request, so a mount costs a fork instead of a Python start-up.
 
 One service per installation, listening on launch.socket_path() (a
 SOCK_SEQPACKET socket in a root-only directory; only root's requests are
 taken). A request is the command's arguments with four fds: its working
 directory, its mount namespace, its stdout and stderr. For each, a child is
-forked that joins that namespace and directory, runs unionfs.cli.main with
-those arguments and stdio (the same command line, the same messages, the same
-daemon that exits 0 only once the mount is live) and sends back its status.
-
-Mount daemons are not the service's: each is a double-forked daemon of its
-own, so a mount that is live keeps working when the service restarts or dies.
-The service stops by itself when its code changes on disk (it would serve
-mounts with old code) or on SIGTERM; the next mount starts a new one.
+forked that joins that namespace and directory, runs the mount command with
+those arguments and stdio (cli.serve_request: the same command line, the same
+messages), sends back its status once the mount is in place and goes on as
+the mount's daemon, in a session of its own: a mount that is live keeps
+working when the service restarts or dies. The service stops by itself when
+its code changes on disk (it would serve mounts with old code), or when
+service.stop() asks; the next mount starts a new one.
 """
 
 from __future__ import annotations
@@ -63,10 +62,16 @@ def _bind(path: str) -> socket.socket | None:
 
 
 def _serve_one(conn: socket.socket, msg: bytes, fds: list[int]) -> None:
-    """In the forked child: become the caller's mount command and answer its status."""
-    status = 1
+    """In the forked child: become the caller's mount command, then its daemon."""
+
+    def report(status: int) -> None:
+        with contextlib.suppress(OSError):
+            conn.send(str(status).encode())
+        conn.close()
+
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()  # out of the service's session, as a daemon
         cwd, ns, out, err = fds
         conn.send(b"+")
         if os.fstat(ns).st_ino != os.stat("/proc/self/ns/mnt").st_ino:
@@ -77,16 +82,13 @@ def _serve_one(conn: socket.socket, msg: bytes, fds: list[int]) -> None:
         for fd in fds:
             os.close(fd)
         body = msg[1:].decode("utf-8", "surrogateescape")
-        argv = body.split("\0") if body else []
-        status = cli.main(argv)
+        cli.serve_request(body.split("\0") if body else [], report)
     except BaseException as e:  # the caller must get an answer, whatever happened
         with contextlib.suppress(OSError):
             os.write(2, f"{cli.PROG}: {e}\n".encode())
+        if conn.fileno() >= 0:
+            report(1)
     finally:
-        with contextlib.suppress(OSError):
-            sys.stdout.flush()
-            sys.stderr.flush()
-            conn.send(str(status).encode())
         os._exit(0)
 
 
@@ -101,6 +103,7 @@ def serve(path: str) -> int:
         return 0  # one is running
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
     stamp = _code_stamp()
+    cli.warm_up()
     with sock:
         while True:
             conn, _ = sock.accept()

@@ -176,9 +176,14 @@ def test_sigterm_unmounts_and_exits(tmp_path: Path, spin: str) -> None:
 
 
 def test_readahead_raised_to_a_whole_request(tmp_path: Path) -> None:
-    """The mount's read-ahead is one request (1 MiB), not the kernel's 128 KiB."""
+    """The mount's read-ahead is one request (1 MiB), not the kernel's 128 KiB: set
+    by the daemon as soon as the kernel's INIT is answered (the kernel sets it from
+    that reply), just after the mount command has returned."""
     (lower,), upper, work, mnt = layer_dirs(tmp_path, 1)
     with mounted("strata", [lower], upper, work, mnt):
         st = os.stat(mnt)
         bdi = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+        deadline = time.monotonic() + 10
+        while bdi.read_text().strip() != "1024" and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert bdi.read_text().strip() == "1024"

@@ -84,7 +84,7 @@ def test_an_inode_open_through_strata_stays_so_until_closed(tmp_path: Path) -> N
 
 def test_bad_passthrough_value_is_one_line(tmp_path: Path) -> None:
     lowers, upper, work, mnt = layer_dirs(tmp_path, 1)
-    with pytest.raises(AssertionError, match="passthrough=maybe: expected 0 or 1"):
-        with mounted("strata", lowers, upper, work, mnt, extra="passthrough=maybe"):
-            pass
+    with pytest.raises(AssertionError, match="passthrough=maybe: expected 0 or 1"), \
+            mounted("strata", lowers, upper, work, mnt, extra="passthrough=maybe"):
+        pass
     assert not os.path.ismount(mnt)

@@ -57,7 +57,8 @@ def test_a_mount_starts_the_service_and_the_next_goes_through_it(tmp_path: Path,
         (daemon,) = daemon_pids(mnt)  # shown as `strata-unionfs -o ... MNT`
         assert daemon != pid
         with open(f"/proc/{daemon}/stat") as f:
-            assert int(f.read().rsplit(")", 1)[1].split()[1]) != pid  # not the service's child
+            fields = f.read().rsplit(")", 1)[1].split()
+        assert int(fields[1]) == pid and int(fields[3]) == daemon  # forked by it, in its own session
         (mnt / "g").write_text("upper\n")
     assert (upper / "g").read_text() == "upper\n"
     assert _service_pid() == pid
