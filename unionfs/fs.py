@@ -38,7 +38,7 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, Setatt
 
 from common.kernel import RENAME_EXCHANGE, RENAME_WHITEOUT, fallocate, renameat2
 
-from .copyup import CopyUp, WorkDir
+from .copyup import CopyLog, CopyUp, WorkDir
 from .inodes import InodeTable, Node
 from .layers import UPPER, Entry, LayerStack, at, ident, open_checked, open_dir, stale
 from .options import MountOptions
@@ -215,24 +215,30 @@ class UnionFS(pyfuse3.Operations):
         if done is not None:
             raise _Busy(done)
 
-    async def _copied_up(self, node: Node, data: bool = True) -> None:
+    async def _copied_up(self, node: Node, data: bool = True, log: CopyLog | None = None,
+                         hold: list[int] | None = None) -> None:
         """Bring node into the upper (see copyup.CopyUp). A regular file's data and
         fsync, which take seconds for a big file, run in a worker thread while the
         handler is detached from the request loop: other requests go on being
-        answered, those on node wait (_Busy) until the copy is in place."""
+        answered, those on node wait (_Busy) until the copy is in place. With
+        `log`, what was copied is noted (to undo); with `hold`, node stays busy
+        (its number is added) until the caller _release()s it."""
         if node.in_upper:
             return
         copyup = self._copyup()
         if node.is_dir or node.parent is None:
-            copyup.node(node, data)
+            copyup.node(node, data, log)
             return
-        copyup.node(node.parent)
+        copyup.node(node.parent, log=log)
         copy = copyup.begin(node, data)
         if not copy.long:
             copy.fill()
+            before = (node, node.layer, node.ident)
             copyup.end(node, copy)
+            if log is not None:
+                log.append(before)
             return
-        done = self.busy[node.ino] = trio.Event()
+        self.busy[node.ino] = trio.Event()
         try:
             await pyfuse3.detach()
             try:
@@ -240,10 +246,20 @@ class UnionFS(pyfuse3.Operations):
             except BaseException:
                 copy.discard()
                 raise
+            before = (node, node.layer, node.ident)
             copyup.end(node, copy)
+            if log is not None:
+                log.append(before)
         finally:
-            del self.busy[node.ino]
-            done.set()
+            if hold is None:
+                self._release([node.ino])
+            else:
+                hold.append(node.ino)
+
+    def _release(self, inos: list[int]) -> None:
+        """Long work on these nodes is over: the requests waiting for them start over."""
+        for ino in inos:
+            self.busy.pop(ino).set()
 
     def _fh(self, handle: DirHandle | FileHandle) -> int:
         fh = self._next_fh
@@ -603,19 +619,61 @@ class UnionFS(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: RequestContext) -> None:
         old_parent, new_parent = self._node(parent_inode_old), self._node(parent_inode_new)
         old, new = os.fsdecode(name_old), os.fsdecode(name_new)
-        # A lower file to move is copied up first, its data off the request loop.
+        # What is to move is copied up first, file data off the request loop: a
+        # lower file, or the files below a lower directory (see _files_copied_up),
+        # which stay busy until the rename is done and are taken back if it fails.
         moving = [(old_parent, old)] + ([(new_parent, new)] if flags & pyfuse3.RENAME_EXCHANGE else [])
-        for parent, name in moving:
-            entry, node = self._child(parent, name)
-            try:
-                if not entry.is_dir:
-                    await self._copied_up(node)
-            finally:
-                self.table.drop_unused(node)
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            self._exchange(old_parent, old, new_parent, new)
-        else:
-            self._rename(old_parent, old, new_parent, new, flags)
+        log: CopyLog = []
+        hold: list[int] = []
+        try:
+            for parent, name in moving:
+                entry, node = self._child(parent, name)
+                try:
+                    if not entry.is_dir:
+                        await self._copied_up(node)
+                    elif entry.lowers and self.opts.redirect_dir:
+                        await self._files_copied_up(node, log, hold)
+                finally:
+                    self.table.drop_unused(node)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                self._exchange(old_parent, old, new_parent, new)
+            else:
+                self._rename(old_parent, old, new_parent, new, flags)
+        except BaseException:
+            if log:
+                self._copyup().undo(log)
+            raise
+        finally:
+            self._release(hold)
+
+    async def _files_copied_up(self, top: Node, log: CopyLog, hold: list[int]) -> None:
+        """Copy up the lower files below a directory about to be renamed, one by one
+        as a file's copy-up is (data in a worker thread), so that copyup.tree, which
+        then brings the rest up on the loop, has only directories, links and empty
+        files left to copy. Each copy is noted in log and held busy (hold): if the
+        rename fails (ENOSPC), the caller takes them all back, and nobody can have
+        written to them meanwhile."""
+        stack = self.table.stack
+        todo = [top]
+        held: list[Node] = []
+        try:
+            while todo:
+                d = todo.pop()
+                view = self.table.view(d)
+                for name in stack.listing(view):
+                    entry = stack.child(view, name)
+                    if entry is None or (entry.layer == UPPER and not entry.lowers):
+                        continue
+                    child = self.table.attach(d, name, entry)
+                    held.append(child)
+                    if entry.is_dir:
+                        todo.append(child)
+                    elif stat.S_ISREG(entry.st.st_mode) and entry.st.st_size:
+                        self._idle(child)
+                        await self._copied_up(child, log=log, hold=hold)
+        finally:
+            for child in reversed(held):
+                self.table.drop_unused(child)
 
     @staticmethod
     def _inside(node: Node, d: Node) -> bool:

@@ -142,3 +142,26 @@ def test_cold_reads_return_the_lower_data(tmp_path: Path) -> None:
             f.seek(len(data) - 10)
             assert f.read(100) == data[-10:]
             assert f.read(100) == b""
+
+
+def test_renaming_a_lower_directory_copies_its_files_off_the_loop(tmp_path: Path) -> None:
+    """(Looked up elsewhere than the renamed directory's parent, which the kernel
+    keeps locked for the whole rename.)"""
+    lowers, upper, work, mnt = layer_dirs(tmp_path, 1)
+    (lowers[0] / "d" / "sub").mkdir(parents=True)
+    (lowers[0] / "other").mkdir()
+    digest = _big_lower(lowers[0] / "d" / "sub")
+    names = iter(range(1 << 30))
+
+    def lookup() -> None:
+        assert not (mnt / "other" / f"missing-{next(names)}").exists()
+
+    with mounted("strata", lowers, upper, work, mnt):
+        inside = _during_copy_up(work, lookup, lambda: os.rename(mnt / "d", mnt / "e"))
+        assert inside > 0, "no request was answered while the directory's files were copied up"
+        assert not (mnt / "d").exists()
+        with open(mnt / "e" / "sub" / "big", "rb") as f:
+            assert hashlib.sha256(f.read()).digest() == digest
+        assert (mnt / "e" / "sub" / "small").read_text() == "small\n"
+    assert os.path.getsize(upper / "e" / "sub" / "big") == BIG_MIB << 20
+    assert _copy_in_flight(work) is None
