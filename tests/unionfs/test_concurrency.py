@@ -157,6 +157,7 @@ def test_renaming_a_lower_directory_copies_its_files_off_the_loop(tmp_path: Path
         assert not (mnt / "other" / f"missing-{next(names)}").exists()
 
     with mounted("strata", lowers, upper, work, mnt):
+        assert (mnt / "other").is_dir()  # its entry cached: reaching it needs no lock on the parent
         inside = _during_copy_up(work, lookup, lambda: os.rename(mnt / "d", mnt / "e"))
         assert inside > 0, "no request was answered while the directory's files were copied up"
         assert not (mnt / "d").exists()
