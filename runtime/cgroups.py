@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import cgroupfs
 from common.errors import StrataError
 from runtime import devices
 
@@ -36,21 +37,9 @@ class Limits:
         return any(v is not None for v in (self.memory, self.cpus, self.pids))
 
 
-def _mountinfo() -> list[tuple[str, str, str]]:
-    """(mount point, fstype, super options) of each cgroup mount."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, post = line.split(" - ", 1)
-            fstype, _src, sopts = post.split()[:3]
-            if fstype in ("cgroup", "cgroup2"):
-                out.append((pre.split()[4], fstype, sopts))
-    return out
-
-
 def v1_mounts() -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for mnt, fstype, sopts in _mountinfo():
+    for mnt, fstype, sopts in cgroupfs.mountinfo():
         if fstype == "cgroup":
             for opt in sopts.split(","):
                 if opt in V1_CONTROLLERS and opt not in found:
@@ -59,7 +48,7 @@ def v1_mounts() -> dict[str, Path]:
 
 
 def v2_mount() -> Path | None:
-    return next((Path(m) for m, fstype, _ in _mountinfo() if fstype == "cgroup2"), None)
+    return next((Path(m) for m, fstype, _ in cgroupfs.mountinfo() if fstype == "cgroup2"), None)
 
 
 def default_version() -> str:

@@ -24,7 +24,7 @@ import socket
 import sys
 from pathlib import Path
 
-from common import daemon, kernel
+from common import cgroupfs, daemon, kernel
 
 from . import cli, launch
 
@@ -61,8 +61,10 @@ def _bind(path: str) -> socket.socket | None:
     return sock
 
 
-def _serve_one(conn: socket.socket, msg: bytes, fds: list[int]) -> None:
-    """In the forked child: become the caller's mount command, then its daemon."""
+def _serve_one(conn: socket.socket, msg: bytes, fds: list[int], caller: int) -> None:
+    """In the forked child: become the caller's mount command, then its daemon, in
+    the caller's cgroups (as a daemon the command forked itself would be: stopped
+    with the caller's service, never with whichever one first started this)."""
 
     def report(status: int) -> None:
         with contextlib.suppress(OSError):
@@ -72,6 +74,7 @@ def _serve_one(conn: socket.socket, msg: bytes, fds: list[int]) -> None:
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()  # out of the service's session, as a daemon
+        cgroupfs.join_cgroups_of(caller)
         cwd, ns, out, err = fds
         conn.send(b"+")
         if os.fstat(ns).st_ino != os.stat("/proc/self/ns/mnt").st_ino:
@@ -92,9 +95,10 @@ def _serve_one(conn: socket.socket, msg: bytes, fds: list[int]) -> None:
         os._exit(0)
 
 
-def _peer_is_root(conn: socket.socket) -> bool:
+def _peer(conn: socket.socket) -> tuple[int, int]:
+    """The caller's (pid, uid), as the kernel saw them at connect()."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return int.from_bytes(creds[4:8], sys.byteorder) == 0
+    return int.from_bytes(creds[0:4], sys.byteorder), int.from_bytes(creds[4:8], sys.byteorder)
 
 
 def serve(path: str) -> int:
@@ -108,7 +112,8 @@ def serve(path: str) -> int:
         while True:
             conn, _ = sock.accept()
             with conn:
-                if not _peer_is_root(conn):
+                caller, uid = _peer(conn)
+                if uid != 0:
                     continue
                 try:
                     msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, _FDS)
@@ -119,7 +124,7 @@ def serve(path: str) -> int:
                         break  # a caller falls back to mounting itself
                     if len(fds) == _FDS and msg.startswith(b"M") and os.fork() == 0:
                         sock.close()
-                        _serve_one(conn, msg, fds)
+                        _serve_one(conn, msg, fds, caller)
                 finally:
                     for fd in fds:
                         os.close(fd)

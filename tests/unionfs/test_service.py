@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from common import cgroupfs
 from unionfs import launch, service
 
 from .support import STRATA, daemon_pids, is_mounted, layer_dirs, mounted, unmount
@@ -117,3 +118,41 @@ def test_errors_reach_the_caller_through_the_service(tmp_path: Path, fresh_servi
     assert out.stderr.startswith("strata-unionfs: ") and "missing" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not is_mounted(mnt)
+
+
+def test_the_daemon_lives_in_the_callers_cgroup(tmp_path: Path, fresh_service: None) -> None:
+    """Not in the cgroup of whoever started the service: stopping that service's
+    cgroup must not kill other callers' mounts."""
+
+    mounts = cgroupfs.mountinfo()
+    v1 = next((m for m, fstype, sopts in mounts if fstype == "cgroup" and "memory" in sopts.split(",")), None)
+    root = v1 or next((m for m, fstype, _ in mounts if fstype == "cgroup2"), None)
+    assert root is not None, "no cgroup hierarchy mounted"
+    field = "memory" if v1 else ""  # the controllers field of /proc/PID/cgroup for that hierarchy
+    group = Path(root) / f"strata-test-{os.getpid()}"
+    lowers, upper, work, mnt = layer_dirs(tmp_path, 1)
+    opts = f"lowerdir={lowers[0]},upperdir={upper},workdir={work}"
+    subprocess.run([STRATA, "-o", opts, str(mnt)], check=True)
+    unmount(mnt)
+    _wait_for_service()
+    group.mkdir()
+    try:
+        subprocess.run(["sh", "-ec", f"echo $$ > {group}/cgroup.procs; exec {STRATA} -o {opts} {mnt}"],
+                       check=True, timeout=60)
+        try:
+            (daemon,) = daemon_pids(mnt)
+            paths = {ctrls: path for _, ctrls, path in
+                     (line.split(":", 2) for line in Path(f"/proc/{daemon}/cgroup").read_text().splitlines())}
+            assert paths[field] == f"/{group.name}"
+        finally:
+            unmount(mnt)
+    finally:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
