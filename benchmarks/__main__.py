@@ -34,8 +34,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--systems",
-        default=",".join(s.key for s in ALL),
-        help=f"comma-separated, from: {', '.join(BY_KEY)} (default: all)",
+        default=",".join(s.key for s in ALL if s.key != "strata-baseline" or s.program()),
+        help=f"comma-separated, from: {', '.join(BY_KEY)} (default: all; strata-baseline only when "
+        "STRATA_BASELINE names another strata-unionfs to compare with)",
     )
     p.add_argument("--reps", type=int, help="repetitions (default: 3 quick, 5 full)")
     p.add_argument("--out", type=Path, help="results directory (default: benchmarks/results/<timestamp>)")

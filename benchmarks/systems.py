@@ -68,6 +68,27 @@ class StrataUnionfs(System):
         return [self.program() or "strata-unionfs", "-o", _overlay_opts(stack, upper, work), str(mnt)]
 
 
+class StrataBaseline(StrataUnionfs):
+    """Another build of strata-unionfs (STRATA_BASELINE=its program, e.g. the one in
+    a checkout of an older commit), measured in the same run, interleaved with this
+    one: before/after columns on equal terms."""
+
+    key = "strata-baseline"
+    title = "strata-unionfs (baseline)"
+
+    def program(self) -> str | None:
+        prog = os.environ.get("STRATA_BASELINE")
+        return prog if prog and os.access(prog, os.X_OK) else None
+
+    def version(self) -> str:
+        return f"{os.environ.get('STRATA_BASELINE', '')}"
+
+    def unavailable(self) -> str | None:
+        if self.program() is None:
+            return "set STRATA_BASELINE to the strata-unionfs program to compare with"
+        return None
+
+
 class KernelOverlayfs(System):
     key = "overlayfs"
     title = "kernel overlayfs"
@@ -125,6 +146,7 @@ class PlainDirectory(System):
 
 ALL: tuple[System, ...] = (
     StrataUnionfs(),
+    StrataBaseline(),
     KernelOverlayfs(),
     FuseOverlayfs(),
     UnionfsFuse(),
