@@ -112,3 +112,13 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def boot_id() -> str:
+    """The kernel's random id of this boot ("" if unreadable): state recorded under another
+    boot id (mount references, live mounts) did not survive the reboot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
