@@ -67,6 +67,7 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks $(if $(FULL),--full,)
+	$(PY) -m benchmarks.graphdriver $(if $(FULL),,--quick)
 
 clean:
 	rm -rf $(VENV) build .stamp-apt .stamp-pyfuse3 .stamp-venv
