@@ -3,24 +3,30 @@ served beside VolumeDriver on the same socket over strata's layer store
 (`graph_store.GraphStore`): with `--experimental --storage-driver strata`, every
 image layer and container root of dockerd ≤ 27 is a strata-unionfs mount.
 
-What dockerd 20.10 sends (seen with `strata serve --debug`; POST, no Content-Type, the
-plugin Accept header, JSON bodies with empty fields left out):
+What dockerd 20.10.24 (Debian) was seen to send (`strata serve --debug` under the tests of
+tests/graphdriver/test_docker.py; POST, no Content-Type, the plugin Accept header, JSON
+bodies with empty fields left out, ids random 64-hex "cache ids", never image digests):
 
-- start-up: `/Plugin.Activate` (empty body) → `Init {"Home": "<data-root>/strata", "Opts": null
-  or [--storage-opt values], "UIDMaps": null, "GIDMaps": null}` → `Capabilities {}`; later
-  `Status {}` for `docker info`, `Cleanup {}` at shutdown.
-- `docker load` / `pull` / `import`, per layer: `Exists {ID}`? no: `Create {ID, Parent}` then
-  `/GraphDriver.ApplyDiff?id=ID&parent=PARENT` with the raw (uncompressed) tar as a chunked body,
-  answered `{"Size": n}`; dockerd computes the DiffID from the bytes it sent itself.
-- a container: `CreateReadWrite {ID: "<m>-init", Parent: <image top>}`, `Get`, `Put` (dockerd
-  writes /etc/hosts, /.dockerenv ... into it), `CreateReadWrite {ID: m, Parent: "<m>-init"}`;
-  `Get {ID: m}` → `{"Dir": path}` at each start, `Put` at each stop; `Remove` both at `rm`.
+- start-up: `/Plugin.Activate` (empty body) → `Init {"Home": "<data-root>/<plugin name>",
+  "Opts": null, "UIDMaps": null, "GIDMaps": null}` → `Capabilities {}`; `Status {}` for each
+  `docker info`; `Cleanup {}` at shutdown, after the last Put.
+- `docker import` / `load` / `pull`, per layer bottom up: `Create {ID[, Parent]}`, then
+  `/GraphDriver.ApplyDiff?id=ID&parent=PARENT` with the uncompressed tar as the body (length
+  unknown to dockerd: chunked), answered `{"Size": n}`; dockerd digests the bytes it sent
+  for the DiffID itself. `Exists` was never called in these flows.
+- a container: `CreateReadWrite {ID: "<m>-init", Parent: <image top>}`, `Get` + `Put` of it
+  (dockerd writes /etc/hosts, /.dockerenv, /dev/console... after stat-ing the merged view,
+  so the init layer must be a real union), `CreateReadWrite {ID: m, Parent: "<m>-init"}`;
+  `Get {ID: m}` → `{"Dir": path}` at each start, `Put` at each stop; `GetMetadata` for
+  `inspect` and `exec`; `Remove` of m then of its init layer at `rm`.
 - `docker diff`: `Changes {ID: m, Parent: "<m>-init"}` → `{"Changes": [{"Path", "Kind"}]}`
-  (0 modify, 1 add, 2 delete); `commit`: `Diff {ID: m, Parent}` answered with the raw tar as
-  the body, then Create + ApplyDiff of a new layer; `ps -s`: `DiffSize {ID, Parent}`.
-- `docker save` / `push`: Capabilities says ReproducesExactDiffs false (produce_layer writes a
-  canonical tar, not the one received), so dockerd keeps the tar-split of every layer it
-  applied and rebuilds the exact tar from it, reading file contents through `Get`/`Put`.
+  (0 modify, 1 add, 2 delete); `commit`: `Get m`, `Diff {ID: m, Parent: "<m>-init"}` answered
+  with the raw tar as the body, `Create` + `ApplyDiff` of the new layer, `Put m`.
+- `docker save` / `push`: `Get` + `Put` per layer. Capabilities says ReproducesExactDiffs
+  false (produce_layer writes a canonical tar, not the one received), so dockerd keeps the
+  tar-split of every layer it applied and rebuilds the exact tar from it, reading the file
+  contents through the mount: image ids and DiffIDs survive save/load and push/pull.
+- `docker rmi`: `Remove` per layer, top first.
 
 Errors are `{"Err": "..."}`, with HTTP 200 for JSON calls (dockerd reads `Err` from the body)
 and 500 for Diff, whose 200 body would be taken for the tar. Ids are checked by the store
@@ -183,7 +189,8 @@ class GraphDriverPlugin:
                 while await request.content.read(_CHUNK):
                     pass
             return _error(APPLY_DIFF, e)
-        log.debug("%s id=%s parent=%s -> %d bytes", APPLY_DIFF, layer, parent, size)
+        log.debug("%s id=%s parent=%s (%s) -> %d bytes", APPLY_DIFF, layer, parent,
+                  request.headers.get("Transfer-Encoding") or f"Content-Length {request.content_length}", size)
         return _json({"Size": size})
 
     def add_stream_routes(self, app: web.Application) -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import stat
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,21 @@ def test_second_service_on_the_same_store_refused(service: GraphService, tmp_pat
     other = GraphService(service.env, tmp_path / "o.sock", tmp_path / "spec2")
     with pytest.raises(AssertionError, match="another strata serve uses the layer store"):
         other.start()
+
+
+def test_concurrent_gets_and_puts_keep_exact_counts(service: GraphService) -> None:
+    """dockerd calls from many goroutines at once: 8 clients on each of 3 layers Get, then Put,
+    leave every count at zero and nothing mounted; halfway each count is exactly 8."""
+    _image(service)
+    tops = [f"{c}" * 64 for c in "789"]
+    for top in tops:
+        service.graph("CreateReadWrite", ID=top, Parent=MID)
+    jobs = [top for top in tops for _ in range(8)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        dirs = set(pool.map(lambda t: service.graph("Get", ID=t)["Dir"], jobs))
+        assert dirs == {str(service.layers / t / "merged") for t in tops}
+        assert [service.record(t)["refs"] for t in tops] == [8, 8, 8]
+        assert all(_fstype(Path(d)) == "fuse.strata-unionfs" for d in dirs)
+        assert list(pool.map(lambda t: service.graph("Put", ID=t), jobs)) == [{}] * len(jobs)
+    assert [service.record(t)["refs"] for t in tops] == [0, 0, 0]
+    assert not any(_fstype(Path(d)) for d in dirs)
