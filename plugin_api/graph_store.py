@@ -164,10 +164,13 @@ class GraphStore:
     # --- records and locks ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self, layer_id: str) -> Iterator[None]:
+    def _locked(self, *layer_ids: str) -> Iterator[None]:
+        """The layers' locks, taken in id order (so two callers never wait on each other)."""
         with self._guard:
-            lock = self._locks.setdefault(layer_id, threading.Lock())
-        with lock:
+            locks = [self._locks.setdefault(i, threading.Lock()) for i in sorted(set(layer_ids)) if i]
+        with contextlib.ExitStack() as stack:
+            for lock in locks:
+                stack.enter_context(lock)
             yield
 
     def _record(self, layer_id: str) -> LayerRecord:
@@ -206,7 +209,7 @@ class GraphStore:
         """An empty layer over parent ("" for a base layer)."""
         check_id(layer_id)
         check_parent(parent)
-        with self._locked(layer_id):
+        with self._locked(layer_id, parent):  # the parent's too: not removed meanwhile
             if self.exists(layer_id):
                 raise StrataError(f"layer {layer_id} already exists")
             if parent:
@@ -369,7 +372,7 @@ class GraphStore:
             ("Root Dir", str(self.root)),
             ("Backing Filesystem", _fstype_of(self.root)),
             ("Layers", str(len(recs))),
-            ("Mounted Layers", str(sum(1 for r in recs if r.refs))),
+            ("Layers In Use", str(sum(1 for r in recs if r.refs))),
             ("Union", client.PROG),
         ]
 

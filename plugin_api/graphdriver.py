@@ -189,8 +189,8 @@ class GraphDriverPlugin:
                 while await request.content.read(_CHUNK):
                     pass
             return _error(APPLY_DIFF, e)
-        log.debug("%s id=%s parent=%s (%s) -> %d bytes", APPLY_DIFF, layer, parent,
-                  request.headers.get("Transfer-Encoding") or f"Content-Length {request.content_length}", size)
+        framing = request.headers.get("Transfer-Encoding") or f"Content-Length {request.content_length}"
+        log.debug("%s id=%s parent=%s (%s) -> %d bytes", APPLY_DIFF, layer, parent, framing, size)
         return _json({"Size": size})
 
     def add_stream_routes(self, app: web.Application) -> None:

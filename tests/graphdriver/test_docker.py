@@ -161,6 +161,25 @@ def test_dockerd_restart_with_a_stopped_container(docker: Dockerd) -> None:
         docker.docker("rm", "-f", "again")
 
 
+def test_power_cut_of_docker_under_a_running_container(docker: Dockerd, service: GraphService) -> None:
+    """dockerd, containerd and the container killed at once: at its restart dockerd finds the
+    container dead and Puts its layer; the union is unmounted and the container starts again."""
+    cid = docker.docker("run", "-d", "--name", "cut", IMAGE, "sh", "-c", "echo up >> /ups; sleep 300").stdout
+    cid = cid.strip()
+    try:
+        layer_id = Path(docker.docker("inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", cid)
+                        .stdout.strip()).parent.name
+        assert service.record(layer_id)["refs"] == 1
+        docker.crash()
+        docker.start()
+        assert service.record(layer_id)["refs"] == 0 and _store_mounts(service) == []
+        docker.docker("start", cid)
+        assert docker.docker("exec", cid, "cat", "/ups").stdout == "up\nup\n"
+        assert service.record(layer_id)["refs"] == 1
+    finally:
+        docker.docker("rm", "-f", "cut")
+
+
 def test_kill9_of_the_service_under_a_running_container(docker: Dockerd, service: GraphService) -> None:
     cid = docker.docker("run", "-d", "--name", "survivor", IMAGE, "sleep", "300").stdout.strip()
     try:

@@ -91,7 +91,7 @@ def test_layer_lifecycle(service: GraphService) -> None:
     meta = service.graph("GetMetadata", ID=TOP)["Metadata"]
     assert meta["LowerDir"].split(":") == [str(service.layers / i / "diff") for i in (INIT, MID, BASE)]
     status_lines = dict(service.graph("Status")["Status"])
-    assert status_lines["Layers"] == "5" and status_lines["Mounted Layers"] == "1"
+    assert status_lines["Layers"] == "5" and status_lines["Layers In Use"] == "1"
 
     service.graph("Put", ID=TOP)
     assert _fstype(root) == ""
