@@ -98,10 +98,18 @@ class GraphStore:
 
     # --- start-up ------------------------------------------------------------------------
 
+    @property
+    def is_open(self) -> bool:
+        return self._lock_fd is not None
+
     def open(self) -> list[str]:
-        """Take the store (one service at a time), load the records and repair what a crash
-        left: half-made or half-removed layers, half-applied diffs, mounts without
-        references and referenced layers whose mount died. One line per repair."""
+        """Take the store (one service at a time: other `strata serve`s on the same state
+        root, e.g. under another plugin name, serve volumes only), load the records and
+        repair what a crash left: half-made or half-removed layers, half-applied diffs,
+        mounts without references and referenced layers whose mount died. One line per
+        repair. Opening an open store does nothing."""
+        if self.is_open:
+            return []
         for d in (self.root, self.layers_dir, self.tmp_dir):
             private_dir(d)
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -110,8 +118,13 @@ class GraphStore:
         except BlockingIOError:
             os.close(fd)
             raise StrataError(f"another strata serve uses the layer store {self.root}") from None
+        try:
+            notes = self._recover()
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
-        return self._recover()
+        return notes
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -245,7 +258,10 @@ class GraphStore:
             fsync_dir(self.layers_dir)
             with self._guard:
                 del self._records[layer_id]
-            remove_path(trash)
+            try:
+                remove_path(trash)
+            except OSError as e:  # gone from Docker's view already; swept at the next start
+                log.warning("layer %s: cannot remove %s yet: %s", layer_id, trash, e.strerror or e)
 
     # --- mounts --------------------------------------------------------------------------
 

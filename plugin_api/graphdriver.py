@@ -92,12 +92,30 @@ class GraphDriverPlugin:
 
     def __init__(self, store: GraphStore) -> None:
         self.store = store
-        self.routes: dict[str, Handler] = {
+        self._opening = asyncio.Lock()
+        handlers: dict[str, Handler] = {
             INIT: self.init, CREATE: self.create, CREATE_RW: self.create, REMOVE: self.remove,
             GET: self.get, PUT: self.put, EXISTS: self.exists, STATUS: self.status,
             METADATA: self.metadata, CLEANUP: self.cleanup, CHANGES: self.changes,
             DIFF_SIZE: self.diff_size, CAPABILITIES: self.capabilities,
         }
+        self.routes = {endpoint: self._on_open_store(h) for endpoint, h in handlers.items()}
+
+    async def open_store(self) -> None:
+        """Open (and recover) the store if it is not yet: at start-up, and again at each call
+        while another `strata serve` on the same state root holds it (an Err until then)."""
+        if self.store.is_open:
+            return
+        async with self._opening:
+            for line in await asyncio.to_thread(self.store.open):
+                log.warning("layer store recovery: %s", line)
+
+    def _on_open_store(self, handler: Handler) -> Handler:
+        async def call(body: dict[str, Any]) -> dict[str, Any]:
+            await self.open_store()
+            return await handler(body)
+
+        return call
 
     async def init(self, body: dict[str, Any]) -> dict[str, Any]:
         home = _string(body, "Home")
@@ -155,6 +173,7 @@ class GraphDriverPlugin:
         """The tar is written to an anonymous file in the store first, so a failure is a
         clean Err (status 500) rather than a tar cut short after its 200."""
         try:
+            await self.open_store()
             body = p.decode_body(await request.read())
             layer, parent = _string(body, "ID"), _string(body, "Parent")
             tar = self.store.tmp_file()
@@ -182,6 +201,7 @@ class GraphDriverPlugin:
         layer, parent = request.query.get("id", ""), request.query.get("parent", "")
         source = io.BufferedReader(_BodyReader(request, asyncio.get_running_loop()), _CHUNK)
         try:
+            await self.open_store()
             size = await asyncio.to_thread(self.store.apply_diff, layer, parent, source)
         except Exception as e:  # a bug too answers dockerd with a reason
             # Read the rest, so dockerd, still sending, gets the Err instead of a broken pipe.

@@ -185,10 +185,12 @@ class PluginService:
     async def start(self) -> None:
         for line in await asyncio.to_thread(self.driver.recover):
             log.warning("recovery: %s", line)
-        if self.graph is not None:
-            for line in await asyncio.to_thread(self.graph.open):
-                log.warning("layer store recovery: %s", line)
         graph = GraphDriverPlugin(self.graph) if self.graph is not None else None
+        if graph is not None:
+            try:
+                await graph.open_store()
+            except StrataError as e:  # volumes are still served; GraphDriver calls get this Err
+                log.warning("GraphDriver: %s", e)
         app = VolumePlugin(self.driver, graph).app()
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()

@@ -158,7 +158,7 @@ def test_references_survive_kill9_and_dead_mounts_come_back(service: GraphServic
     (root / "written").write_text("kept")
     service.kill9()
     assert _fstype(root) == "fuse.strata-unionfs"  # the union's daemon outlives the service
-    service.start()
+    service.start()  # recovers at once: a container may use the union before dockerd calls
     assert service.record(MID)["refs"] == 2 and (root / "written").read_text() == "kept"
     # Its daemon dies while the service is down: the next start mounts the union again.
     service.kill9()
@@ -196,10 +196,20 @@ def test_crash_leftovers_swept_at_start(service: GraphService) -> None:
     assert service.graph("Exists", ID=MID) == {"Exists": True}
 
 
-def test_second_service_on_the_same_store_refused(service: GraphService, tmp_path: Path) -> None:
-    other = GraphService(service.env, tmp_path / "o.sock", tmp_path / "spec2")
-    with pytest.raises(AssertionError, match="another strata serve uses the layer store"):
+def test_second_service_on_the_same_root_serves_volumes_only(service: GraphService, tmp_path: Path) -> None:
+    """Another `strata serve` on the same state root (another plugin name) serves volumes;
+    the layer store stays the first one's until it stops, then the other takes it over."""
+    other = GraphService(service.env, tmp_path / "o.sock", tmp_path / "spec2", name="other")
+    try:
         other.start()
+        assert "another strata serve uses the layer store" in other.graph("Status")["Err"]
+        assert other.call("/VolumeDriver.List", {}) == {"Volumes": []}
+        service.graph("Create", ID=BASE)
+        assert service.stop() == 0
+        assert other.graph("Exists", ID=BASE) == {"Exists": True}
+    finally:
+        if other.proc is not None:
+            other.stop()
 
 
 def test_concurrent_gets_and_puts_keep_exact_counts(service: GraphService) -> None:
