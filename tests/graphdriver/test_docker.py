@@ -5,6 +5,8 @@ container root lives in strata's layer store; a container's / is a strata-unionf
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import subprocess
@@ -16,6 +18,7 @@ import pytest
 
 from benchmarks.dockerd import Dockerd, busybox_rootfs_tar, running_dockerd
 from common import kernel
+from tests.store.helpers import TarBuilder
 from tests.store.registry import running_registry
 from volumes.state import remove_tree
 
@@ -91,6 +94,9 @@ def test_commit_diff_export(docker: Dockerd, tmp_path: Path) -> None:
     try:
         diff = set(docker.docker("diff", "changer").stdout.splitlines())
         assert {"A /data/new", "D /etc/motd", "C /etc/passwd", "C /etc", "C /data"} <= diff
+        # `ps -s` asks DiffSize: the container's own files, "new\n" and "x\n".
+        size = docker.docker("ps", "-a", "-s", "--filter", "name=changer", "--format", "{{.Size}}").stdout
+        assert size.startswith("6B "), size
         docker.docker("commit", "changer", "strata-bb:committed")
         out = docker.docker("run", "--rm", "strata-bb:committed", "sh", "-c",
                             "cat /data/new /etc/passwd; ls /etc/motd 2>&1 || true").stdout
@@ -150,6 +156,40 @@ def test_push_and_pull_through_a_registry(docker: Dockerd) -> None:
         finally:
             docker.docker("tag", ref, IMAGE)
             docker.docker("rmi", ref)
+
+
+def _docker_archive(dest: Path, layer: bytes, tag: str) -> Path:
+    """A one-layer `docker save` archive (manifest.json, config, layer.tar) around any tar."""
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = json.dumps([{"Config": config_name, "RepoTags": [tag], "Layers": ["l1/layer.tar"]}]).encode()
+    with tarfile.open(dest, "w") as tf:
+        for name, data in (("manifest.json", manifest), (config_name, config), ("l1/layer.tar", layer)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return dest
+
+
+def test_hostile_layer_in_docker_load_refused(docker: Dockerd, service: GraphService, tmp_path: Path) -> None:
+    """dockerd hands the layer tar to the plugin unchecked: strata refuses it, dockerd removes
+    the empty layer, nothing lands outside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    before = sorted(os.listdir(service.layers))
+    attacks = {
+        "dotdot": TarBuilder().file("../../../../../../../../escape", b"x").bytes(),
+        "symlink": TarBuilder().symlink("link", str(outside)).file("link/planted", b"x").bytes(),
+    }
+    for name, layer in attacks.items():
+        archive = _docker_archive(tmp_path / f"{name}.tar", layer, f"strata-evil:{name}")
+        res = docker.docker("load", "-i", str(archive), check=False)
+        assert res.returncode != 0 and "layer refused" in res.stderr, res.stderr
+    assert os.listdir(outside) == [] and not Path("/escape").exists()
+    assert sorted(os.listdir(service.layers)) == before
+    assert "strata-evil" not in docker.docker("images").stdout
 
 
 def test_dockerd_restart_with_a_stopped_container(docker: Dockerd) -> None:
