@@ -65,6 +65,13 @@ def _store_mounts(service: GraphService) -> list[tuple[str, str]]:
     return [(tgt, kind) for _, tgt, kind, _ in kernel.mounts() if tgt.startswith(top)]
 
 
+def _mentions(proc: Path, needle: str) -> bool:
+    try:
+        return needle.encode() in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _layers(docker: Dockerd, image: str) -> list[str]:
     out: list[str] = json.loads(docker.docker("inspect", "--format", "{{json .RootFS.Layers}}", image).stdout)
     return out
@@ -254,6 +261,7 @@ def test_rm_and_rmi_leave_nothing_behind(docker: Dockerd, service: GraphService)
         docker.docker("rmi", "-f", image)
     assert os.listdir(service.layers) == []
     assert _store_mounts(service) == []
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _mentions(p, str(service.layers))]
     status = json.loads(docker.docker("info", "--format", "{{json .DriverStatus}}").stdout)
     assert ["Layers", "0"] in status
     # Put back for anything run after (the module's dockerd outlives this test).

@@ -5,6 +5,7 @@ hostile ids and tars refused with nothing changed, references that outlive a kil
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import stat
@@ -181,6 +182,22 @@ def _cmdline(p: Path) -> bytes:
         return (p / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_references_from_an_earlier_boot_dropped(service: GraphService) -> None:
+    """A reboot ends every container without a Put: references recorded under another boot
+    id no longer count (or the layer would stay in use for ever)."""
+    _image(service)
+    service.graph("Get", ID=MID)
+    service.graph("Put", ID=MID)
+    service.kill9()
+    record = service.layers / MID / "layer.json"
+    rec = json.loads(record.read_text())
+    record.write_text(json.dumps({**rec, "refs": 3, "boot": "an-earlier-boot"}))
+    service.start()
+    assert service.record(MID)["refs"] == 0
+    assert "dropped 3 reference(s) from an earlier boot" in service.log_text()
+    assert service.graph("Remove", ID=MID) == {}
 
 
 def test_crash_leftovers_swept_at_start(service: GraphService) -> None:
