@@ -103,6 +103,7 @@ demo: install
 bench: install
 	$(PY) -m benchmarks $(if $(FULL),--full,)
 	$(PY) -m benchmarks.run_latency -n $(if $(FULL),20,5)
+	$(PY) -m benchmarks.graphdriver $(if $(FULL),,--quick)
 
 clean:
 	rm -rf $(VENV) build .stamp-apt .stamp-libfuse .stamp-pyfuse3 .stamp-venv

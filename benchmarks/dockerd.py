@@ -11,7 +11,8 @@ Usage::
 
     from benchmarks.dockerd import running_dockerd, busybox_rootfs_tar
 
-    with running_dockerd() as d:            # blocks until the lock is ours
+    with running_dockerd() as d:            # blocks until the lock is ours; running_dockerd(
+                                            #   ["--experimental", "-s", "strata"]) adds flags
         tar = busybox_rootfs_tar(tmp_path / "rootfs.tar", extra_dirs=["data"])
         d.docker("import", str(tar), "bb:data")
         out = d.docker("run", "--rm", "bb:data", "echo", "hi").stdout
@@ -115,6 +116,7 @@ class Dockerd:
     docker_bin: str = DOCKER
     env: dict[str, str] = field(default_factory=dict)
     cgroup_parent: str = ""
+    extra_args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -156,7 +158,7 @@ class Dockerd:
             DOCKERD, "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
             "--pidfile", str(self.root / "dockerd.pid"), "-H", self.host,
             "--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-masq=false",
-            "--userland-proxy=false", "--cgroup-parent", self.cgroup_parent,
+            "--userland-proxy=false", "--cgroup-parent", self.cgroup_parent, *self.extra_args,
         ]
         env = {"PATH": _DAEMON_PATH, "HOME": str(self.root), "TMPDIR": str(self.root / "tmp")}
         (self.root / "tmp").mkdir(exist_ok=True)
@@ -287,8 +289,9 @@ def dockerd_lock() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def running_dockerd() -> Iterator[Dockerd]:
-    """Start a private dockerd under the machine-wide lock, yield it, always tear it down."""
+def running_dockerd(extra_args: Sequence[str] = ()) -> Iterator[Dockerd]:
+    """Start a private dockerd under the machine-wide lock, yield it, always tear it down.
+    `extra_args` go to dockerd as they are, e.g. ("--experimental", "--storage-driver", "strata")."""
     with dockerd_lock():
         if _ping():
             raise DockerdError(f"a dockerd not started under {LOCK_PATH} answers on {SOCKET_PATH}")
@@ -300,7 +303,7 @@ def running_dockerd() -> Iterator[Dockerd]:
             root=root,
             env={"PATH": _DAEMON_PATH, "HOME": str(root), "DOCKER_HOST": f"unix://{SOCKET_PATH}",
                  "DOCKER_CONFIG": str(root / "config")},
-            cgroup_parent=f"/{root.name}",
+            cgroup_parent=f"/{root.name}", extra_args=tuple(extra_args),
         )
         try:
             d.start()

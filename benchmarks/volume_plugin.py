@@ -44,13 +44,14 @@ CONCURRENCY = (1, 16, 64)
 
 
 @contextmanager
-def plugin_service() -> Iterator[str]:
-    """A `strata serve` on a private root and socket; yields its address, always cleans up."""
+def plugin_service(name: str = "strata", sock: Path | None = None) -> Iterator[str]:
+    """A `strata serve` on a private root (and socket, unless one is given, such as
+    /run/docker/plugins/NAME.sock for a dockerd to find); yields its address, always cleans up."""
     top = Path(tempfile.mkdtemp(prefix="strata-bench-vol-", dir="/tmp"))
-    sock = top / "p.sock"
+    sock = sock or top / "p.sock"
     log = open(top / "serve.log", "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
-        [STRATA, "--root", str(top / "state"), "serve", "--socket", str(sock),
+        [STRATA, "--root", str(top / "state"), "serve", "--name", name, "--socket", str(sock),
          "--spec-dir", str(top / "spec"), "--config", str(top / "none.json")],
         stdout=log, stderr=subprocess.STDOUT,
     )

@@ -123,3 +123,13 @@ def setns(fd: int, nstype: int = 0) -> None:
     if libc.setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def boot_id() -> str:
+    """The kernel's random id of this boot ("" if unreadable): state recorded under another
+    boot id (mount references, live mounts) did not survive the reboot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

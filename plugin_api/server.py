@@ -26,6 +26,9 @@ from common.atomic import write_atomic
 from common.errors import StrataError
 
 from . import protocol as p
+from .graph_store import GraphStore
+from .graphdriver import IMPLEMENTS as GRAPH_IMPLEMENTS
+from .graphdriver import GraphDriverPlugin
 from .protocol import SOCKET_DIR, SPEC_DIR, VolumeDriver
 
 log = logging.getLogger("strata.plugin")
@@ -37,15 +40,19 @@ class VolumePlugin:
     """The endpoints over one driver: each parses its typed request, calls the driver and
     shapes its typed answer."""
 
-    def __init__(self, driver: VolumeDriver) -> None:
+    def __init__(self, driver: VolumeDriver, graph: GraphDriverPlugin | None = None) -> None:
         self.driver = driver
+        self.graph = graph  # GraphDriver on the same socket, when the service has a layer store
         self.routes: dict[str, Handler] = {
             p.ACTIVATE: self.activate, p.CREATE: self.create, p.REMOVE: self.remove,
             p.MOUNT: self.mount, p.UNMOUNT: self.unmount, p.PATH: self.path,
             p.GET: self.get, p.LIST: self.list, p.CAPABILITIES: self.capabilities,
+            **(graph.routes if graph else {}),
         }
 
     async def activate(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.graph is not None:
+            return {"Implements": [*p.IMPLEMENTS["Implements"], GRAPH_IMPLEMENTS]}
         return p.IMPLEMENTS
 
     async def capabilities(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +110,8 @@ class VolumePlugin:
         app = web.Application(client_max_size=p.MAX_BODY)
         for endpoint in self.routes:
             app.router.add_post(endpoint, self.handle)
+        if self.graph is not None:
+            self.graph.add_stream_routes(app)
         app.router.add_route("*", "/{tail:.*}", _unknown)
         return app
 
@@ -164,17 +173,26 @@ class PluginService:
     """The running service: socket, optional spec file, and clean shutdown."""
 
     def __init__(
-        self, driver: VolumeDriver, socket_path: Path, spec_path: Path | None = None
+        self, driver: VolumeDriver, socket_path: Path, spec_path: Path | None = None,
+        graph: GraphStore | None = None,
     ) -> None:
         self.driver = driver
         self.socket_path = socket_path
         self.spec_path = spec_path
+        self.graph = graph
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         for line in await asyncio.to_thread(self.driver.recover):
             log.warning("recovery: %s", line)
-        self._runner = web.AppRunner(VolumePlugin(self.driver).app(), access_log=None, handle_signals=False)
+        graph = GraphDriverPlugin(self.graph) if self.graph is not None else None
+        if graph is not None:
+            try:
+                await graph.open_store()
+            except StrataError as e:  # volumes are still served; GraphDriver calls get this Err
+                log.warning("GraphDriver: %s", e)
+        app = VolumePlugin(self.driver, graph).app()
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         try:
             self.socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,13 +209,16 @@ class PluginService:
             await self._runner.cleanup()
             self._runner = None
             raise StrataError(f"cannot serve on {self.socket_path}: {e.strerror or e}") from None
-        log.info("serving the VolumeDriver protocol on %s", self.socket_path)
+        log.info("serving %s on %s", " and ".join(["VolumeDriver", *(["GraphDriver"] if graph else [])]),
+                 self.socket_path)
         _notify_systemd(b"READY=1")
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.graph is not None:
+            self.graph.close()
         for path in (self.spec_path, self.socket_path):
             if path is not None:
                 with contextlib.suppress(FileNotFoundError):

@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import secrets
 import sys
 from pathlib import Path
 from typing import Any
 
 from common.errors import StrataError
+from common.paths import state_root
 from plugin_api.protocol import DEFAULT_NAME, SOCKET_DIR, SPEC_DIR
 from volumes import Volume, VolumeManager
 from volumes.names import check_name
@@ -115,6 +117,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # aiohttp is a third of a second to import: only the server pays for it, not every CLI call.
+    from plugin_api.graph_store import GraphStore
     from plugin_api.server import PluginService, spec_path_for
 
     logging.basicConfig(
@@ -128,7 +131,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not socket_path.is_absolute():
         raise StrataError(f"--socket must be an absolute path, not {args.socket}")
     spec = spec_path_for(args.name, socket_path, Path(args.spec_dir))
-    service = PluginService(_manager(args), socket_path, spec)
+    manager = _manager(args)
+    graph = None if args.no_graphdriver else GraphStore(
+        Path(os.path.realpath(state_root(args.root))) / "graph", unionfs=manager.config.unionfs)
+    service = PluginService(manager, socket_path, spec, graph=graph)
     asyncio.run(service.run_until_signalled())
     return 0
 
@@ -175,6 +181,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    "spec file is written for Docker)")
     p.add_argument("--spec-dir", default=str(SPEC_DIR), help="where to write NAME.spec (default %(default)s)")
     p.add_argument("-d", "--debug", action="store_true", help="log every request")
+    p.add_argument("--no-graphdriver", action="store_true",
+                   help="serve only VolumeDriver, not Docker's GraphDriver (layers under STATE_ROOT/graph)")
 
 
 COMMANDS = [
@@ -188,7 +196,9 @@ COMMANDS = [
             aliases=("remove",)),
     Command(("volume", "prune"), "remove all volumes nothing has mounted", cmd_prune, _prune_arguments,
             description=""),
-    Command(("serve",), "run the Docker volume plugin service", cmd_serve, _serve_arguments,
-            description="Serve the Docker VolumeDriver protocol on a unix socket until SIGTERM. "
-            "Use with: docker volume create -d strata [-o type=...] NAME"),
+    Command(("serve",), "run the Docker plugin service (volumes and storage driver)", cmd_serve,
+            _serve_arguments,
+            description="Serve the Docker VolumeDriver and GraphDriver protocols on a unix socket until "
+            "SIGTERM. Use with: docker volume create -d strata [-o type=...] NAME; and as dockerd's "
+            "storage driver (Docker <= 27): dockerd --experimental --storage-driver strata"),
 ]

@@ -2,8 +2,7 @@
 (an image from it, through the image store) and `export` (the merged tree as one
 tar, from a read-only union of the layer over the image's, through
 unionfs.client). All three see only the image's layers below the container's:
-the init layer (the runtime's mount points) never shows. Whiteouts are read as
-unionfs.whiteout defines them."""
+the init layer (the runtime's mount points) never shows."""
 
 from __future__ import annotations
 
@@ -13,51 +12,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from common import dirwalk
 from common.errors import StrataError
+from images.changes import changes
 from images.produce import produce_layer
 from runtime.containers import Container
 from runtime.record import Status
-from unionfs import client, whiteout
+from unionfs import client
 
 
 def diff(c: Container) -> list[tuple[str, str]]:
-    """docker diff: (A|C|D, path) from the container's upper dir, read anchored and
-    without recursion (dirwalk), however deep the container made it."""
+    """docker diff: (A|C|D, path) from the container's upper over the image's layers
+    (images.changes)."""
     layers = c.record.layers
-    lowers = [Path(p) for p in layers.image_layers]
-    out: list[tuple[str, str]] = []
-    top = os.open(layers.upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for dirs, entry in dirwalk.walk(top):
-            rel = "/".join([*dirs.names, entry.name])
-            if whiteout.is_whiteout(entry.stat(follow_symlinks=False)):
-                out.append(("D", "/" + rel))
-            else:
-                out.append(("C" if any(_exists_in(lw, rel) for lw in lowers) else "A", "/" + rel))
+        return changes(Path(layers.upper), [Path(p) for p in layers.image_layers])
     except OSError as e:
         raise StrataError(f"cannot read the changes of {c.name}: {e.strerror or e}") from None
-    finally:
-        os.close(top)
-    return sorted(out, key=lambda x: x[1])
-
-
-def _exists_in(layer: Path, rel: str) -> bool:
-    """Whether an image layer (root's, never changed) holds rel; past PATH_MAX one
-    name at a time from the layer's fd."""
-    if len(rel) < 3000:
-        return os.path.lexists(layer / rel)
-    fd = os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for name in rel.split("/"):
-            nxt = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def commit(c: Container, tag: str | None, message: str, author: str,

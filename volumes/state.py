@@ -44,10 +44,7 @@ FORMAT_VERSION = 1
 
 def current_boot() -> str:
     """The kernel's random id of this boot: a record's references from another boot are stale."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+    return kernel.boot_id()
 
 
 def now_rfc3339() -> str:

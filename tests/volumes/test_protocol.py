@@ -31,7 +31,7 @@ ID_B = "b" * 64
 
 def test_docker_call_sequence(service: Service) -> None:
     """What `docker volume create -d strata v1` and two `docker run -v v1:/data` send."""
-    assert service.raw(p.ACTIVATE, b"") == (200, b'{"Implements": ["VolumeDriver"]}\n')
+    assert service.raw(p.ACTIVATE, b"") == (200, b'{"Implements": ["VolumeDriver", "GraphDriver"]}\n')
     assert service.call(p.CAPABILITIES, {}) == {"Capabilities": {"Scope": "local"}}
     assert service.call(p.GET, {"Name": "v1"}) == {"Err": "no such volume: v1"}
     assert service.call(p.CREATE, {"Name": "v1", "Opts": None}) == {}
@@ -165,7 +165,7 @@ def test_client_discovery_and_calls(service: Service, tmp_path: Path) -> None:
 
     async def go() -> None:
         async with PluginClient(service.address) as c:
-            assert await c.activate() == ["VolumeDriver"]
+            assert await c.activate() == ["VolumeDriver", "GraphDriver"]
             assert await c.capabilities() == {"Scope": "local"}
             await c.create("cv", {"mode": "0700"})
             mp = await c.mount("cv", ID_A)
