@@ -838,27 +838,23 @@ class UnionFS(pyfuse3.Operations):
         detached. preadv2(RWF_NOWAIT) tells which, without blocking; the inline
         read goes into one reused buffer, which pyfuse3 replies from at once."""
         fd = self._file(fh).fd
-        n = 0
-        if self._nowait:
-            if len(self._readbuf) < size:
-                self._readbuf = bytearray(size)
-            view = memoryview(self._readbuf)[:size]
-            try:
-                n = os.preadv(fd, (view,), off, os.RWF_NOWAIT)
-            except BlockingIOError:
-                n = 0
-            except OSError as e:
-                if e.errno != errno.EOPNOTSUPP:
-                    raise
-                self._nowait = False  # the layer's filesystem cannot say: read inline
-                return os.pread(fd, size, off)
-            if n == size or (n > 0 and off + n >= os.fstat(fd).st_size):
-                return view[:n]
-            if n == 0 and off >= os.fstat(fd).st_size:
-                return b""
-            head = bytes(view[:n])
-        else:
+        if not self._nowait:
             return os.pread(fd, size, off)
+        if len(self._readbuf) < size:
+            self._readbuf = bytearray(size)
+        view = memoryview(self._readbuf)[:size]
+        try:
+            n = os.preadv(fd, (view,), off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            self._nowait = False  # the layer's filesystem cannot tell: read inline from now on
+            return os.pread(fd, size, off)
+        if n == size or off + n >= os.fstat(fd).st_size:
+            return view[:n]  # all of it, or up to the end of the file
+        head = bytes(view[:n])
         fd = os.dup(fd)  # the handle may be released while the thread reads
         try:
             await pyfuse3.detach()
