@@ -14,7 +14,8 @@ SBIN   := /usr/local/sbin
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch attr psmisc e2fsprogs \
 	fuse-overlayfs unionfs-fuse fio \
 	docker.io podman docker-registry skopeo busybox-static iproute2 iputils-ping xfsprogs \
-	libseccomp2 golang-github-containers-common
+	libseccomp2 golang-github-containers-common \
+	containerd golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev
 
 .PHONY: all deps venv install test lint demo bench clean
 all: install
@@ -51,7 +52,13 @@ PYFUSE3_BUILD   := $(CURDIR)/build/pyfuse3
 	$(PY) -m pip install -q -e '.[test,bench]'
 	@touch $@
 
-install: .stamp-venv
+# containerd's snapshots gRPC API: Python stubs generated from Debian's .proto files
+# (golang-github-containerd-containerd-dev) into the git-ignored plugin_api/_proto.
+.stamp-proto: plugin_api/protogen.py .stamp-venv
+	$(PY) -m plugin_api.protogen
+	@touch $@
+
+install: .stamp-venv .stamp-proto
 	@ln -sf $(VENV)/bin/strata-unionfs $(SBIN)/strata-unionfs
 	@ln -sf $(VENV)/bin/strata $(SBIN)/strata
 
@@ -69,4 +76,4 @@ bench: install
 	$(PY) -m benchmarks $(if $(FULL),--full,)
 
 clean:
-	rm -rf $(VENV) build .stamp-apt .stamp-pyfuse3 .stamp-venv
+	rm -rf $(VENV) build plugin_api/_proto .stamp-apt .stamp-pyfuse3 .stamp-venv .stamp-proto
