@@ -6,7 +6,7 @@ the snapshotter's state root and socket. The machine's own containerd (and docke
 never touched: another socket, another root, and a namespace of our own, so shims,
 cgroups (`/<namespace>/<id>`) and processes are ours to find and remove.
 
-    with running_snapshotter(tmp / "strata") as snap, running_containerd(tmp / "ctrd", snap.address) as c:
+    with running_snapshotter() as snap, running_containerd(snap.address) as c:
         c.ctr("images", "import", "--snapshotter", "strata", "image.tar")
         c.ctr("run", "--rm", "--snapshotter", "strata", "docker.io/library/bb:1", "t1", "echo", "hi")
         snap.kill9(); snap.start()          # the snapshotter dies under a running container
@@ -45,7 +45,7 @@ STRATA = str(Path(sys.executable).with_name("strata"))
 SNAPSHOTTER = "strata"
 # systemd's default PATH, which containerd.service runs with: the mount helper mount.fuse3
 # (run by containerd and its shims) finds strata-unionfs in /usr/local/sbin through it.
-_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DAEMON_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _START_TIMEOUT = 60.0
 
 
@@ -93,7 +93,7 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
 
 @dataclass
 class Snapshotter:
-    """`strata snapshotter` on a private state root and socket."""
+    """`strata snapshotter` on a private state root (its snapshots in root/snapshotter)."""
 
     root: Path
     address: Path
@@ -122,15 +122,24 @@ class Snapshotter:
 
 
 @contextlib.contextmanager
-def running_snapshotter(root: Path) -> Iterator[Snapshotter]:
-    """`strata snapshotter --root ROOT/state --address ROOT/snapshotter.sock`, stopped afterwards."""
-    root.mkdir(parents=True, exist_ok=True)
-    snap = Snapshotter(root / "state", root / "snapshotter.sock", root / "snapshotter.log")
+def running_snapshotter(dir: Path | None = None) -> Iterator[Snapshotter]:
+    """`strata snapshotter --root DIR/state --address DIR/snapshotter.sock` (DIR: a fresh
+    temp dir, short enough for a socket path, removed afterwards), stopped afterwards."""
+    made = dir is None
+    d = Path(tempfile.mkdtemp(prefix="strata-snap-", dir="/var/tmp")) if dir is None else dir
+    d.mkdir(parents=True, exist_ok=True)
+    snap = Snapshotter(d / "state", d / "snapshotter.sock", d / "snapshotter.log")
     try:
         snap.start()
         yield snap
+    except BaseException:
+        sys.stderr.write(f"--- snapshotter log ({snap.log}) ---\n{snap.log_tail()}\n")
+        raise
     finally:
         snap.stop()
+        if made:
+            _unmount_under(d)
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @dataclass
@@ -138,7 +147,7 @@ class Containerd:
     dir: Path
     namespace: str
     proc: subprocess.Popen[bytes] | None = None
-    env: dict[str, str] = field(default_factory=lambda: {"PATH": _PATH})
+    env: dict[str, str] = field(default_factory=lambda: {"PATH": DAEMON_PATH})
 
     @property
     def address(self) -> Path:

@@ -61,8 +61,9 @@ def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
 
 
 def _info(info: st.Info) -> pb.Info:
-    return pb.Info(name=info.name, parent=info.parent, kind=pb.Kind.Name(info.kind), created_at=_timestamp(info.created_ns),
-                   updated_at=_timestamp(info.updated_ns), labels=info.labels)
+    return pb.Info(name=info.name, parent=info.parent, kind=pb.Kind.Name(info.kind),
+                   created_at=_timestamp(info.created_ns), updated_at=_timestamp(info.updated_ns),
+                   labels=info.labels)
 
 
 def _mounts(mounts: list[st.Mount]) -> list[mount_pb2.Mount]:
