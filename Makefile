@@ -74,6 +74,7 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks $(if $(FULL),--full,)
+	$(PY) -m benchmarks.snapshotter $(if $(FULL),,--quick)
 
 clean:
 	rm -rf $(VENV) build plugin_api/_proto .stamp-apt .stamp-pyfuse3 .stamp-venv .stamp-proto
