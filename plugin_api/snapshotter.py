@@ -15,8 +15,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -34,6 +32,7 @@ from . import snapshot_store as st
 from ._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from ._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from ._proto.containerd.types import mount_pb2
+from .sockets import claim_socket, notify_systemd
 
 log = logging.getLogger("strata.snapshotter")
 
@@ -143,24 +142,6 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
-def _claim_socket(path: Path) -> None:
-    """Make room for our socket: a dead one (a crashed predecessor's) is removed; a live
-    one, or anything else at that path, is an error."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise StrataError(f"{path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            os.unlink(path)
-            return
-    raise StrataError(f"another process serves {path}")
-
-
 class SnapshotterServer:
     """The gRPC server on a unix socket (mode 0600) until stopped."""
 
@@ -175,7 +156,7 @@ class SnapshotterServer:
     def start(self) -> None:
         if not self.address.parent.exists():
             private_dir(self.address.parent)
-        _claim_socket(self.address)
+        claim_socket(self.address)
         old = os.umask(0o177)  # the socket is born 0600: no window in which others connect
         try:
             if self._server.add_insecure_port(f"unix:{self.address}") == 0:
@@ -184,6 +165,7 @@ class SnapshotterServer:
         finally:
             os.umask(old)
         os.chmod(self.address, 0o600)
+        notify_systemd(b"READY=1")
 
     def stop(self, grace: float = 5.0) -> None:
         self._server.stop(grace).wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -110,7 +111,6 @@ def test_hostile_requests_never_take_it_down(client: Stub, snap: Snapshotter) ->
         (m,) = client.Prepare(pb.PrepareSnapshotRequest(key=key)).mounts
         assert Path(m.source).parent.parent == snap.root / "snapshotter" / "snapshots"
     # Garbage bytes on the socket: the server drops that connection and keeps serving.
-    import socket
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(snap.address))
         s.sendall(os.urandom(4096))
@@ -163,10 +163,28 @@ def test_socket_is_root_only_and_not_shared(snap: Snapshotter) -> None:
     assert stat.S_IMODE(os.stat(snap.address).st_mode) == 0o600
     res = subprocess.run([STRATA, "snapshotter", "--root", str(snap.root), "--address", str(snap.address)],
                          capture_output=True, text=True, timeout=60)
-    assert res.returncode == 1 and "another process serves" in res.stderr
+    assert res.returncode == 1 and "already listening" in res.stderr
     res = subprocess.run([STRATA, "snapshotter", "--address", "relative.sock"], capture_output=True,
                          text=True)
     assert res.returncode == 1 and "absolute" in res.stderr
+
+
+def test_tells_systemd_once_it_listens(tmp_path: Path) -> None:
+    """Type=notify (plugin_api/strata-snapshotter.service): READY=1 only once the socket listens."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    address = tmp_path / "s.sock"
+    argv = [STRATA, "snapshotter", "--root", str(tmp_path / "state"), "--address", str(address)]
+    proc = subprocess.Popen(argv, env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert notify.recv(100) == b"READY=1"
+        assert stat.S_ISSOCK(os.lstat(address).st_mode)
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+        notify.close()
 
 
 def test_sigterm_stops_cleanly(snap: Snapshotter) -> None:
