@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -157,6 +160,70 @@ def test_kill9_and_restart_keep_every_snapshot(client: Stub, snap: Snapshotter) 
     assert _listing(client) == before
     assert not (snap.root / "snapshotter" / "snapshots" / "12345").exists()
     assert client.Mounts(pb.MountsRequest(key="b")).mounts[0].type == "fuse3.strata-unionfs"
+
+
+def test_kill9_under_load_leaves_consistent_state(client: Stub, snap: Snapshotter) -> None:
+    """A kill -9 in the middle of prepares, commits and removals: after the restart every
+    snapshot listed has its directory, and no directory is left without a snapshot."""
+    client.Prepare(pb.PrepareSnapshotRequest(key="base"))
+    client.Commit(pb.CommitSnapshotRequest(name="BASE", key="base"))
+    stop = threading.Event()
+    done = [0]
+
+    def churn(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            key = f"w{i}-{n}"
+            try:
+                client.Prepare(pb.PrepareSnapshotRequest(key=key, parent="BASE"))
+                if n % 2:
+                    client.Remove(pb.RemoveSnapshotRequest(key=key))
+                else:
+                    client.Commit(pb.CommitSnapshotRequest(name=key.upper(), key=key))
+                done[0] += 1
+            except grpc.RpcError:
+                return  # the server is gone
+            n += 1
+
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while done[0] < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    snap.kill9()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    snap.start()
+    infos = [i for r in client.List(pb.ListSnapshotsRequest()) for i in r.info]
+    assert len(infos) > 1
+    store = snap.root / "snapshotter"
+    db = sqlite3.connect(store / "metadata.db")
+    try:
+        ids = {str(i) for (i,) in db.execute("SELECT id FROM snapshots")}
+    finally:
+        db.close()
+    assert len(ids) == len(infos)
+    assert set(os.listdir(store / "snapshots")) == ids
+    for i in ids:
+        assert sorted(os.listdir(store / "snapshots" / i)) == ["fs", "work"]
+
+
+def test_undecodable_requests_answered_not_crashed(snap: Snapshotter, client: Stub) -> None:
+    """Bytes that are not the request message (or not UTF-8 where a string is due) on every
+    method: an error status, and the server keeps answering."""
+    with grpc.insecure_channel(f"unix:{snap.address}") as ch:
+        for method in ("Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "Usage", "Cleanup"):
+            call = ch.unary_unary(f"/containerd.services.snapshots.v1.Snapshots/{method}",
+                                  request_serializer=None, response_deserializer=None)
+            for raw in (b"\x12\x02\xff\xfe", b"\xff" * 64, os.urandom(512)):
+                try:
+                    call(raw, timeout=10)
+                except grpc.RpcError as e:
+                    assert e.code() != grpc.StatusCode.UNAVAILABLE
+    client.Prepare(pb.PrepareSnapshotRequest(key="still-here"))
+    assert snap.proc is not None and snap.proc.poll() is None
 
 
 def test_socket_is_root_only_and_not_shared(snap: Snapshotter) -> None:

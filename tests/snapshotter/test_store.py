@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import StrataError
 from plugin_api import snapshot_store as st
 from plugin_api.filters import FilterError, parse
+from runtime.cli import build_parser
 
 
 @pytest.fixture
@@ -212,3 +214,15 @@ def test_usage_counts_blocks_and_inodes_once(store: st.SnapshotStore) -> None:
     store.commit("A", "a", {})
     (fs / "late").write_text("changes after commit are not counted")  # commit stored the usage
     assert store.usage("A") == u
+
+
+def test_a_root_mount_options_cannot_carry_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StrataError, match="holds ','"):
+        st.SnapshotStore(tmp_path / "a,b")
+    assert not (tmp_path / "a,b").exists()
+
+
+def test_root_from_either_place_on_the_command_line() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["--root", "/x", "snapshotter"]).root == "/x"
+    assert parser.parse_args(["snapshotter", "--root", "/y"]).root == "/y"
