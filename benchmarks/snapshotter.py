@@ -66,8 +66,8 @@ def bench_run(c: Containerd, archive: Path, tag: str, reps: int, log: Log) -> Sa
     try:
         for rep in range(reps + 1):
             for s in SNAPSHOTTERS:
-                argv = ("run", "--rm", "--snapshotter", s, _ref(tag), f"bench-{s}-{rep}", "true")
-                t = _timed(lambda argv=argv: c.ctr(*argv))  # type: ignore[misc]
+                cid = f"bench-{s}-{rep}"
+                t = _timed(lambda s=s, cid=cid: c.run(_ref(tag), cid, "true", snapshotter=s))  # type: ignore[misc]
                 if rep:
                     out[s].append(t)
             log(f"  run {tag}: round {rep}/{reps}")
