@@ -42,6 +42,9 @@ LIST_BATCH = 100
 # are bounded far below it (snapshot_store), so only a hostile client hits it.
 MAX_MESSAGE = 4 << 20
 WORKERS = 8
+# Calls waiting for a worker beyond this are refused (RESOURCE_EXHAUSTED) instead of queued
+# without bound: containerd sends a few at a time; a flood is a hostile or broken client.
+MAX_PENDING = 512
 
 _CODES: list[tuple[type[StrataError], grpc.StatusCode]] = [
     (st.NotFound, grpc.StatusCode.NOT_FOUND),
@@ -150,6 +153,7 @@ class SnapshotterServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshots"),
             options=[("grpc.max_receive_message_length", MAX_MESSAGE)],
+            maximum_concurrent_rpcs=MAX_PENDING,
         )
         pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(store), self._server)
 
