@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,10 +99,12 @@ class Snapshotter:
     root: Path
     address: Path
     log: Path
+    premount: bool = False
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        argv = [STRATA, "snapshotter", "--root", str(self.root), "--address", str(self.address)]
+        argv = [STRATA, "snapshotter", "--root", str(self.root), "--address", str(self.address),
+                *(["--premount"] if self.premount else [])]
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -123,13 +125,13 @@ class Snapshotter:
 
 
 @contextlib.contextmanager
-def running_snapshotter(dir: Path | None = None) -> Iterator[Snapshotter]:
-    """`strata snapshotter --root DIR/state --address DIR/snapshotter.sock` (DIR: a fresh
-    temp dir, short enough for a socket path, removed afterwards), stopped afterwards."""
+def running_snapshotter(dir: Path | None = None, *, premount: bool = False) -> Iterator[Snapshotter]:
+    """`strata snapshotter --root DIR/state --address DIR/snapshotter.sock [--premount]` (DIR:
+    a fresh temp dir, short enough for a socket path, removed afterwards), stopped afterwards."""
     made = dir is None
     d = Path(tempfile.mkdtemp(prefix="strata-snap-", dir="/var/tmp")) if dir is None else dir
     d.mkdir(parents=True, exist_ok=True)
-    snap = Snapshotter(d / "state", d / "snapshotter.sock", d / "snapshotter.log")
+    snap = Snapshotter(d / "state", d / "snapshotter.sock", d / "snapshotter.log", premount)
     try:
         snap.start()
         yield snap
@@ -228,7 +230,10 @@ class Containerd:
         return _tail(self.log)
 
 
-def config(dir: Path, snapshotter_address: Path) -> str:
+def config(dir: Path, proxies: Mapping[str, Path]) -> str:
+    """containerd's config: everything below dir, the proxy snapshotters (name: socket)."""
+    plugins = "".join(f'  [proxy_plugins."{name}"]\n    type = "snapshot"\n    address = "{address}"\n'
+                      for name, address in proxies.items())
     return f"""version = 2
 root = "{dir / 'root'}"
 state = "{dir / 'state'}"
@@ -248,19 +253,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
   path = "{dir / 'opt'}"
 
 [proxy_plugins]
-  [proxy_plugins.{SNAPSHOTTER}]
-    type = "snapshot"
-    address = "{snapshotter_address}"
-"""
+{plugins}"""
 
 
 @contextlib.contextmanager
-def running_containerd(snapshotter_address: Path, dir: Path | None = None) -> Iterator[Containerd]:
-    """A private containerd using the snapshotter at snapshotter_address as `strata`."""
+def running_containerd(snapshotter_address: Path, dir: Path | None = None, *,
+                       more: Mapping[str, Path] | None = None) -> Iterator[Containerd]:
+    """A private containerd using the snapshotter at snapshotter_address as `strata` (and
+    those in `more`, name: socket, under their names)."""
     made = dir is None
     d = Path(tempfile.mkdtemp(prefix="strata-ctrd-", dir="/var/tmp")) if dir is None else dir
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.toml").write_text(config(d, snapshotter_address))
+    (d / "config.toml").write_text(config(d, {SNAPSHOTTER: snapshotter_address, **(more or {})}))
     # containerd's namespace rule: alphanumerics joined by single '.', '_' or '-'.
     c = Containerd(d, namespace=f"strata-{secrets.token_hex(4)}")
     try:

@@ -20,6 +20,12 @@ mount (containerd runs `mount.fuse3`, which runs strata-unionfs with the options
 parents' `fs` as lowers, its own `fs`/`work` as upper/work; with no parent it is a bind
 mount of its `fs`. A view over one parent is a read-only bind of that parent's `fs`; over
 more, a read-only union of them.
+
+With `premount`, the store mounts each union itself (strata-unionfs through unionfs.client)
+at `snapshots/<id>/merged` when the snapshot is prepared, mounts it again if its daemon died
+when containerd asks for the mounts, unmounts it before a commit or a removal, and hands
+containerd a bind mount of it. containerd then never runs a mount helper, whose exit status
+containerd 1.6's shim can lose to its child reaper (containerd issue #4387).
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import dirwalk
+from common import dirwalk, kernel
 from common.errors import StrataError
 from common.paths import private_dir
 from common.tree import remove_tree
+from unionfs import client
 from unionfs.client import Union
 
 from . import filters
@@ -48,6 +55,7 @@ VIEW, ACTIVE, COMMITTED = 1, 2, 3  # containerd's Kind enum values
 KIND_NAMES = {VIEW: "view", ACTIVE: "active", COMMITTED: "committed"}
 UNIONFS_TYPE = "fuse3.strata-unionfs"
 MOUNT_SOURCE = "strata"
+MERGED = "merged"  # where a premounted union lives, beside fs/ and work/
 
 # Bounds on what a client may store (containerd's own rule: a label's key and value
 # together at most 4096 bytes). Keys are containerd's "namespace/id/name" and digests.
@@ -186,7 +194,11 @@ class SnapshotStore:
     """The snapshots below `root`; safe to call from many threads (one lock orders the
     metadata; directory trees are removed and measured outside it)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, premount: bool = False) -> None:
+        self.premount = premount
+        # Orders mounting and unmounting premounted unions (taken before _lock, never after):
+        # a union is never mounted for a snapshot being committed or removed.
+        self._mount_lock = threading.Lock()
         self.root = Path(os.path.realpath(root))
         if any(c in str(self.root) for c in ",\n"):  # mount options are comma-separated lines
             raise StrataError(f"cannot keep snapshots in {self.root}: the path holds ',' or a newline")
@@ -258,17 +270,48 @@ class SnapshotStore:
     def _dir(self, id_: int) -> Path:
         return self.snapshots / str(id_)
 
-    def _mounts(self, row: _Row) -> list[Mount]:
+    def _union(self, row: _Row) -> Union | None:
+        """The union a snapshot is seen through; None where a bind of one directory does."""
+        if row.kind == COMMITTED:
+            return None
         lowers = [self._dir(p) / "fs" for p in self._chain(row)]
         own = self._dir(row.id)
         if row.kind == ACTIVE:
-            if not lowers:
-                return [Mount("bind", str(own / "fs"), ["rw", "rbind"])]
-            union = Union(lowers, own / "fs", own / "work")
-            return [Mount(UNIONFS_TYPE, MOUNT_SOURCE, union.options().split(","))]
-        if len(lowers) <= 1:
-            return [Mount("bind", str(lowers[0] if lowers else own / "fs"), ["ro", "rbind"])]
-        return [Mount(UNIONFS_TYPE, MOUNT_SOURCE, ["ro", *Union(lowers).options().split(",")])]
+            return Union(lowers, own / "fs", own / "work") if lowers else None
+        return Union(lowers) if len(lowers) > 1 else None
+
+    def _mounts(self, row: _Row) -> list[Mount]:
+        union = self._union(row)
+        mode = "rw" if row.kind == ACTIVE else "ro"
+        if union is None:
+            lowers = [] if row.kind == ACTIVE else self._chain(row)
+            return [Mount("bind", str(self._dir(lowers[0] if lowers else row.id) / "fs"), [mode, "rbind"])]
+        if self.premount:
+            return [Mount("bind", str(self._dir(row.id) / MERGED), [mode, "rbind"])]
+        options = union.options().split(",")
+        return [Mount(UNIONFS_TYPE, MOUNT_SOURCE, options if union.upper else ["ro", *options])]
+
+    def _ensure_union(self, id_: int) -> None:
+        """Premount: the snapshot's union live at merged/ (mounted again if its daemon died)."""
+        with self._mount_lock:
+            with self._lock:
+                r = self._db.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE id = ?", (id_,)).fetchone()
+                union = self._union(_Row(*r)) if r else None
+            if union is None:
+                if r is None:
+                    raise NotFound(f"snapshot {id_} was removed meanwhile")
+                return
+            merged = self._dir(id_) / MERGED
+            if client.alive(merged):
+                return
+            client.unmount(merged)  # a dead daemon's mount, if any
+            client.mount(union, merged)
+
+    def _release_union(self, id_: int) -> None:
+        """Premount: unmount the snapshot's union (the caller holds _mount_lock)."""
+        merged = self._dir(id_) / MERGED
+        if kernel.is_mountpoint(merged):
+            client.unmount(merged)
 
     def stat(self, key: str) -> Info:
         with self._lock:
@@ -279,7 +322,10 @@ class SnapshotStore:
             row = self._get(key)
             if row.kind == COMMITTED:
                 raise FailedPrecondition(f"snapshot {key} is committed: only active ones and views mount")
-            return self._mounts(row)
+            mounts = self._mounts(row)
+        if self.premount:
+            self._ensure_union(row.id)
+        return mounts
 
     def walk(self, filter_list: Sequence[str] = ()) -> Iterator[Info]:
         """Every snapshot matching any of the filters (containerd's syntax), in id order."""
@@ -347,11 +393,18 @@ class SnapshotStore:
             self._set_labels(id_, labels)
             self._make_dir(id_)
             try:
-                row = self._row_by_id(id_)
-                return self._mounts(row)
+                mounts = self._mounts(self._row_by_id(id_))
             except BaseException:
                 self._remove_dir(id_)
                 raise
+        if self.premount:
+            try:
+                self._ensure_union(id_)
+            except BaseException:
+                with contextlib.suppress(StrataError):
+                    self.remove(key)
+                raise
+        return mounts
 
     def _make_dir(self, id_: int) -> None:
         name = str(id_)
@@ -364,6 +417,8 @@ class SnapshotStore:
                 os.mkdir("fs", 0o755, dir_fd=fd)
                 os.chmod("fs", 0o755, dir_fd=fd)  # whatever the umask: the container's root
                 os.mkdir("work", 0o700, dir_fd=fd)
+                if self.premount:
+                    os.mkdir(MERGED, 0o755, dir_fd=fd)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -372,11 +427,19 @@ class SnapshotStore:
             self._remove_dir(id_)
             raise
 
-    def _remove_dir(self, id_: int) -> None:
+    def _remove_dir(self, id_: int | str) -> None:
+        """Remove a snapshot's directory, never while a union is mounted in it (removing
+        through a live mount would delete inside the union). Failures are left to cleanup,
+        which tries every directory without a row again."""
+        merged = self.snapshots / str(id_) / MERGED
         try:
+            if kernel.is_mountpoint(merged):
+                client.unmount(merged)
+                if kernel.is_mountpoint(merged):
+                    raise OSError(f"{merged} is still mounted")
             remove_tree(self._dirfd, str(id_))
-        except OSError as e:  # left for cleanup, which retries every directory without a row
-            log.warning("could not remove snapshot directory %d: %s", id_, e)
+        except (OSError, StrataError) as e:
+            log.warning("could not remove snapshot directory %s: %s", id_, e)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
         """The active snapshot `key` becomes the committed `name` (same directory), with
@@ -384,11 +447,17 @@ class SnapshotStore:
         check_key(name, "name")
         check_key(key)
         check_labels(labels)
+        with self._mount_lock:  # no union is mounted for it again while it is committed
+            self._commit(name, key, labels)
+
+    def _commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
         with self._lock:
             row = self._get(key)
             if row.kind != ACTIVE:
                 raise FailedPrecondition(f"snapshot {key} is not active")
-        usage = self._measure(row.id)  # outside the lock: a big layer takes a while
+        if self.premount:
+            self._release_union(row.id)
+        usage = self._measure(row.id)  # outside the metadata lock: a big layer takes a while
         with self._transaction() as db:
             now_row = self._row(key)
             if now_row is None or now_row.id != row.id or now_row.kind != ACTIVE:
@@ -406,7 +475,8 @@ class SnapshotStore:
             if db.execute("SELECT 1 FROM snapshots WHERE parent = ? LIMIT 1", (row.id,)).fetchone():
                 raise FailedPrecondition(f"cannot remove snapshot {key}: other snapshots have it as parent")
             db.execute("DELETE FROM snapshots WHERE id = ?", (row.id,))
-        self._remove_dir(row.id)
+        with self._mount_lock:
+            self._remove_dir(row.id)
 
     def update(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Info:
         """Change labels: all of them without paths or with `labels`, one per `labels.KEY`
@@ -438,9 +508,7 @@ class SnapshotStore:
         with self._lock:
             known = {str(i) for (i,) in self._db.execute("SELECT id FROM snapshots")}
             orphans = [n for n in os.listdir(self._dirfd) if n not in known]
-        for name in orphans:
-            try:
-                remove_tree(self._dirfd, name)
-            except OSError as e:
-                log.warning("could not remove leftover snapshot directory %s: %s", name, e)
+        with self._mount_lock:
+            for name in orphans:
+                self._remove_dir(name)
         return orphans

@@ -23,7 +23,7 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
     address = Path(args.address) if args.address else run_root() / SOCKET_NAME
     if not address.is_absolute():
         raise StrataError(f"--address must be an absolute path, not {args.address}")
-    store = SnapshotStore(state_root(getattr(args, "root", None)) / "snapshotter")
+    store = SnapshotStore(state_root(getattr(args, "root", None)) / "snapshotter", premount=args.premount)
     try:
         SnapshotterServer(store, address).run_until_signalled()
     finally:
@@ -38,6 +38,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=argparse.SUPPRESS,
                    help="state root (default $STRATA_ROOT or /var/lib/strata); "
                    "the snapshots go to ROOT/snapshotter")
+    p.add_argument("--premount", action="store_true",
+                   help="mount each union here and hand containerd a bind mount of it, so containerd runs "
+                   "no mount helper (its 1.6 shim can lose a helper's exit status: containerd issue #4387)")
     p.add_argument("-d", "--debug", action="store_true", help="log every request")
 
 

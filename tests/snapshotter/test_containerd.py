@@ -45,9 +45,12 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return image_archive(tmp_path_factory.mktemp("image") / "bb3.tar", "bb:3", layers=3)
 
 
-@pytest.fixture
-def env() -> Iterator[tuple[Snapshotter, Containerd]]:
-    with running_snapshotter() as snap, running_containerd(snap.address) as ctrd:
+@pytest.fixture(params=["helper", "premount"])
+def env(request: pytest.FixtureRequest) -> Iterator[tuple[Snapshotter, Containerd]]:
+    """containerd with strata in both mount modes: unions mounted by containerd through
+    mount.fuse3 (the default), or by the snapshotter itself and handed over as binds."""
+    with running_snapshotter(premount=request.param == "premount") as snap, \
+            running_containerd(snap.address) as ctrd:
         yield snap, ctrd
     assert not [m for m in _mounts() if str(snap.root.parent) in m or str(ctrd.dir) in m]
 
@@ -131,12 +134,16 @@ def test_pull_from_registry(env: tuple[Snapshotter, Containerd], archive: Path, 
     _assert_nothing_left(snap, ctrd)
 
 
-def _mount_as_containerd(printed: str) -> str:
-    """Mount what `ctr snapshots mounts TARGET KEY` prints (`mount -t fuse3.strata-unionfs
-    SOURCE TARGET -o OPTS`) the way containerd 1.6 mounts a `fuse3.*` type: through the
-    mount.fuse3 helper, `-t` without the prefix, with containerd's PATH (systemd's default,
-    where mount.fuse3 looks for strata-unionfs). Returns the options."""
+def _mount_as_containerd(printed: str, premount: bool) -> str:
+    """Mount what `ctr snapshots mounts TARGET KEY` prints (`mount -t TYPE SOURCE TARGET -o
+    OPTS`) as containerd 1.6 would: a `fuse3.*` type through the mount.fuse3 helper, `-t`
+    without the prefix, with containerd's PATH (systemd's default, where mount.fuse3 looks
+    for strata-unionfs); with premount, a bind of the union strata mounted. Returns the options."""
     mount, t, fstype, source, target, o, options = printed.split()
+    if premount:
+        assert (mount, t, fstype, o) == ("mount", "-t", "bind", "-o") and source.endswith("/merged")
+        subprocess.run(["mount", "-o", options, source, target], check=True, capture_output=True)
+        return options
     assert (mount, t, fstype, o) == ("mount", "-t", "fuse3.strata-unionfs", "-o")
     subprocess.run(["mount.fuse3", source, target, "-o", options, "-t", "strata-unionfs"], check=True,
                    env={"PATH": DAEMON_PATH}, capture_output=True)
@@ -153,7 +160,7 @@ def test_ctr_snapshots_by_hand(env: tuple[Snapshotter, Containerd], tmp_path: Pa
     ctrd.ctr(*sn, "prepare", "top-rw", "base")
     target = tmp_path / "mnt"
     target.mkdir()
-    _mount_as_containerd(ctrd.ctr(*sn, "mounts", str(target), "top-rw").stdout)
+    _mount_as_containerd(ctrd.ctr(*sn, "mounts", str(target), "top-rw").stdout, snap.premount)
     try:
         assert (target / "hello").read_text() == "from base\n"
         (target / "top").write_text("from top\n")
@@ -170,7 +177,8 @@ def test_ctr_snapshots_by_hand(env: tuple[Snapshotter, Containerd], tmp_path: Pa
     info = json.loads(ctrd.ctr(*sn, "info", "top").stdout)
     assert info["Kind"] == "Committed" and info["Parent"] == "base" and info["Labels"]["team"] == "storage"
     # The view over two layers is a read-only union: top's file, base's one gone (a whiteout).
-    assert "upperdir" not in _mount_as_containerd(ctrd.ctr(*sn, "mounts", str(target), "look").stdout)
+    options = _mount_as_containerd(ctrd.ctr(*sn, "mounts", str(target), "look").stdout, snap.premount)
+    assert "upperdir" not in options and options.startswith("ro")
     try:
         assert sorted(os.listdir(target)) == ["top"]
         with pytest.raises(OSError):

@@ -4,15 +4,19 @@ its errors, crash leftovers and hostile keys and labels, on a real directory."""
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
+from common import kernel
 from common.errors import StrataError
 from plugin_api import snapshot_store as st
 from plugin_api.filters import FilterError, parse
 from runtime.cli import build_parser
+from unionfs import client
 
 
 @pytest.fixture
@@ -226,3 +230,60 @@ def test_root_from_either_place_on_the_command_line() -> None:
     parser = build_parser()
     assert parser.parse_args(["--root", "/x", "snapshotter"]).root == "/x"
     assert parser.parse_args(["snapshotter", "--root", "/y"]).root == "/y"
+
+
+def _daemon_of(mountpoint: Path) -> int:
+    """The pid of the strata-unionfs serving mountpoint."""
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                argv = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(b"strata-unionfs" in a for a in argv) and str(mountpoint).encode() in argv:
+                return int(p.name)
+    raise AssertionError(f"no strata-unionfs serves {mountpoint}")
+
+
+def test_premount_unions_follow_the_snapshots(tmp_path: Path) -> None:
+    """--premount: the store mounts each union itself, mounts it again when its daemon died,
+    and unmounts it before a commit, a removal, or the cleanup of a leftover directory."""
+    s = st.SnapshotStore(tmp_path / "snap", premount=True)
+    try:
+        (m,) = s.prepare("a", "", {})
+        assert m.type == "bind" and m.source.endswith("/fs")  # one layer: no union needed
+        (Path(m.source) / "base").write_text("base\n")
+        s.commit("A", "a", {})
+        (m,) = s.prepare("b", "A", {"l": "1"})
+        merged = Path(m.source)
+        assert (m.type, merged.name, m.options) == ("bind", "merged", ["rw", "rbind"])
+        assert client.alive(merged) and (merged / "base").read_text() == "base\n"
+        (merged / "new").write_text("new\n")
+        os.kill(_daemon_of(merged), signal.SIGKILL)
+        for _ in range(100):
+            if not client.alive(merged):
+                break
+            time.sleep(0.05)
+        assert s.mounts("b") == [m]  # mounted again
+        assert sorted(os.listdir(merged)) == ["base", "new"]
+        s.commit("B", "b", {})
+        assert not kernel.is_mountpoint(merged)
+        assert s.usage("B").inodes == 1
+        (v,) = s.prepare("v", "B", {}, view=True)
+        assert v.options == ["ro", "rbind"] and sorted(os.listdir(v.source)) == ["base", "new"]
+        with pytest.raises(OSError):
+            (Path(v.source) / "x").write_text("read-only")
+        s.remove("v")
+        assert not kernel.is_mountpoint(v.source) and not Path(v.source).parent.exists()
+        # A leftover with a live union (its row lost): cleanup unmounts before deleting, so
+        # nothing is deleted through the union.
+        (c,) = s.prepare("c", "B", {})
+        s._db.execute("DELETE FROM snapshots WHERE key = 'c'")
+        assert s.cleanup() == [Path(c.source).parent.name]
+        assert not kernel.is_mountpoint(c.source) and not Path(c.source).parent.exists()
+        assert sorted(os.listdir(s.snapshots / "2" / "fs")) == ["new"]  # B intact
+    finally:
+        s.close()
+        for _, target, _, _ in kernel.mounts():
+            if target.startswith(str(tmp_path)):
+                client.unmount(target)
