@@ -192,7 +192,9 @@ def disk_usage(dirfd: int) -> Usage:
 
 class SnapshotStore:
     """The snapshots below `root`; safe to call from many threads (one lock orders the
-    metadata; directory trees are removed and measured outside it)."""
+    metadata; directory trees are removed and measured outside it; with premount a second
+    one orders mounting and unmounting unions, so concurrent container starts mount one
+    union at a time, ~0.06 s each)."""
 
     def __init__(self, root: str | os.PathLike[str], *, premount: bool = False) -> None:
         self.premount = premount
