@@ -15,11 +15,9 @@ import contextlib
 import logging
 import os
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
 import grpc
@@ -149,48 +147,54 @@ class SnapshotterServer:
     """The gRPC server on a unix socket (mode 0600) until stopped."""
 
     def __init__(self, store: st.SnapshotStore, address: Path, workers: int = WORKERS) -> None:
-        self.store, self.address = store, address
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshots"),
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE)],
-            maximum_concurrent_rpcs=MAX_PENDING,
-        )
-        pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(store), self._server)
+        self.store, self.address, self.workers = store, address, workers
+        self._server: grpc.Server | None = None
 
     def start(self) -> None:
+        """Listen. grpc.server() starts grpcio's threads, which inherit the calling thread's
+        signal mask: run_until_signalled blocks SIGTERM and SIGINT before."""
         if not self.address.parent.exists():
             private_dir(self.address.parent)
         claim_socket(self.address)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="snapshots"),
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE)],
+            maximum_concurrent_rpcs=MAX_PENDING,
+        )
+        pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(self.store), server)
         old = os.umask(0o177)  # the socket is born 0600: no window in which others connect
         try:
-            if self._server.add_insecure_port(f"unix:{self.address}") == 0:
+            if server.add_insecure_port(f"unix:{self.address}") == 0:
                 raise StrataError(f"cannot listen on {self.address}")
-            self._server.start()
+            server.start()
         finally:
             os.umask(old)
+        self._server = server
         os.chmod(self.address, 0o600)
         notify_systemd(b"READY=1")
 
     def stop(self, grace: float = 5.0) -> None:
-        self._server.stop(grace).wait()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.address)
 
     def run_until_signalled(self) -> None:
-        done = threading.Event()
-
-        def _handler(signum: int, frame: FrameType | None) -> None:
-            done.set()
-
-        previous = {s: signal.signal(s, _handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        """Serve until SIGTERM or SIGINT. The signals are blocked in every thread and taken
+        with sigwait: a Python handler would only run once the main thread runs again, and
+        the kernel may hand a process-wide SIGTERM to one of grpcio's threads while the main
+        thread sleeps in a wait that nothing then wakes (seen: a server that ignored SIGTERM)."""
+        signals = {signal.SIGTERM, signal.SIGINT}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         try:
             removed = self.store.cleanup()
             if removed:
                 log.info("removed %d leftover snapshot directories", len(removed))
             self.start()
             log.info("serving containerd snapshots on %s (state %s)", self.address, self.store.root)
-            done.wait()
+            signum = signal.sigwait(signals)
+            log.info("%s: stopping", signal.Signals(signum).name)
         finally:
             self.stop()
-            for s, h in previous.items():
-                signal.signal(s, h)
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
