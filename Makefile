@@ -15,7 +15,8 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch attr psmisc e2fsprogs \
 	fuse-overlayfs unionfs-fuse fio \
 	docker.io podman docker-registry skopeo busybox-static iproute2 iputils-ping xfsprogs \
 	libseccomp2 golang-github-containers-common \
-	meson ninja-build curl ca-certificates
+	meson ninja-build curl ca-certificates \
+	containerd golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev
 
 .PHONY: all deps venv install test lint demo bench clean
 all: install
@@ -75,12 +76,18 @@ PYFUSE3_BUILD   := $(CURDIR)/build/pyfuse3
 	$(PY) -m pip install -q -e '.[test,bench]'
 	@touch $@
 
+# containerd's snapshots gRPC API: Python stubs generated from Debian's .proto files
+# (golang-github-containerd-containerd-dev) into the git-ignored plugin_api/_proto.
+.stamp-proto: plugin_api/protogen.py .stamp-venv
+	$(PY) -m plugin_api.protogen
+	@touch $@
+
 # strata-unionfs: a small C program (unionfs/launcher.c) that hands the mount to the
 # resident mount service in a millisecond; when it cannot, the Python launcher
 # (unionfs/launch.py, run with `python -IS`) mounts by itself and starts the service.
 LAUNCHER    := $(VENV)/bin/strata-unionfs
 LAUNCHER_PY := $(VENV)/bin/strata-unionfs.py
-install: .stamp-venv
+install: .stamp-venv .stamp-proto
 	@printf '#!%s -IS\nimport sys\nsys.path.insert(0, "%s")\nfrom unionfs.launch import main\nsys.exit(main())\n' \
 		'$(PY)' '$(CURDIR)' > $(LAUNCHER_PY).tmp && chmod 755 $(LAUNCHER_PY).tmp && mv $(LAUNCHER_PY).tmp $(LAUNCHER_PY)
 	@sock=$$($(PY) -IS -c 'import sys; sys.path.insert(0, "$(CURDIR)"); \
@@ -104,6 +111,7 @@ bench: install
 	$(PY) -m benchmarks $(if $(FULL),--full,)
 	$(PY) -m benchmarks.run_latency -n $(if $(FULL),20,5)
 	$(PY) -m benchmarks.graphdriver $(if $(FULL),,--quick)
+	$(PY) -m benchmarks.snapshotter $(if $(FULL),,--quick)
 
 clean:
-	rm -rf $(VENV) build .stamp-apt .stamp-libfuse .stamp-pyfuse3 .stamp-venv
+	rm -rf $(VENV) build plugin_api/_proto .stamp-apt .stamp-libfuse .stamp-pyfuse3 .stamp-venv .stamp-proto

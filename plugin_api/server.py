@@ -14,8 +14,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
-import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,8 @@ from .graph_store import GraphStore
 from .graphdriver import IMPLEMENTS as GRAPH_IMPLEMENTS
 from .graphdriver import GraphDriverPlugin
 from .protocol import SOCKET_DIR, SPEC_DIR, VolumeDriver
+from .sockets import claim_socket as _claim_socket
+from .sockets import notify_systemd as _notify_systemd
 
 log = logging.getLogger("strata.plugin")
 
@@ -130,38 +130,6 @@ async def _read_limited(request: web.Request) -> bytes:
         if len(buf) > p.MAX_BODY:
             raise p.ProtocolError(f"request body too large (over {p.MAX_BODY} bytes)")
     return bytes(buf)
-
-
-def _claim_socket(path: Path) -> None:
-    """Remove a stale socket left by a killed server; refuse if a live one answers, and
-    never remove anything that is not a socket."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StrataError(f"{path} exists and is not a socket; refusing to replace it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            path.unlink()
-            return
-    raise StrataError(f"another server is already listening on {path}")
-
-
-def _notify_systemd(message: bytes) -> None:
-    """sd_notify(3) for Type=notify units: dockerd, ordered after us, starts only once we listen."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]  # abstract namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(message, addr)
-        except OSError as e:
-            log.warning("cannot notify systemd at %s: %s", addr, e)
 
 
 def spec_path_for(name: str, socket_path: Path, spec_dir: Path = SPEC_DIR) -> Path | None:

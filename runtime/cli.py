@@ -10,10 +10,11 @@ import sys
 from collections.abc import Sequence
 
 from common.errors import StrataError
-from runtime import cmd_containers, cmd_images, cmd_volumes
+from runtime import cmd_containers, cmd_images, cmd_snapshotter, cmd_volumes
 from runtime.commands import GROUPS, Command
 
-TABLE: list[Command] = [*cmd_volumes.COMMANDS, *cmd_images.COMMANDS, *cmd_containers.COMMANDS]
+TABLE: list[Command] = [*cmd_volumes.COMMANDS, *cmd_images.COMMANDS, *cmd_containers.COMMANDS,
+                        *cmd_snapshotter.COMMANDS]
 
 
 def build_parser(table: Sequence[Command] = TABLE) -> argparse.ArgumentParser:
