@@ -83,7 +83,7 @@ def _serve(ops: UnionFS, mountpoint: str) -> None:
     a request that makes a few system calls is answered before the next one
     is read, without the cost of a trio task per request (about a third of
     every request with pyfuse3's main()); a long one (copy-up of a big file,
-    fsync, a cold read) detaches into a trio task of its own and the loop goes
+    fsync) detaches into a trio task of its own and the loop goes
     on. The loop polls for spin= microseconds after each reply before it
     sleeps: on this kind of VM a sleeping thread takes ~100 us to wake, as
     long as the whole round trip of a lookup, so a stream of requests pays it

@@ -124,8 +124,8 @@ def test_requests_on_the_file_being_copied_wait_for_it(tmp_path: Path) -> None:
 
 
 def test_cold_reads_return_the_lower_data(tmp_path: Path) -> None:
-    """Reads whose data is not cached (served off the request loop) and reads
-    that end at end of file, partly cached or not, return exactly the file."""
+    """Reads of data not in the page cache, partly in it, and reads that end at
+    the end of the file return exactly the file."""
     lowers, upper, work, mnt = layer_dirs(tmp_path, 1)
     data = os.urandom((3 << 20) + 123)
     (lowers[0] / "f").write_bytes(data)
