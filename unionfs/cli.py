@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import logging
 import os
 import resource
@@ -94,6 +95,9 @@ def _serve(ops: UnionFS, mountpoint: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
     threading.Thread(target=_set_readahead, args=(mountpoint,), daemon=True).start()
+    # Everything alive now (modules, trio, the layer stack) lives as long as the mount:
+    # out of the collector's sight, its full collections stop rescanning them.
+    gc.freeze()
     try:
         trio.run(pyfuse3.main_inline, ops.opts.spin_us)
     finally:

@@ -88,3 +88,16 @@ def test_bad_passthrough_value_is_one_line(tmp_path: Path) -> None:
             mounted("strata", lowers, upper, work, mnt, extra="passthrough=maybe"):
         pass
     assert not os.path.ismount(mnt)
+
+
+def test_passthrough_0_lets_a_kernel_overlayfs_stack_on_the_mount(tmp_path: Path) -> None:
+    """With passthrough the mount is a stacked filesystem and the kernel's two-level
+    limit refuses an overlayfs on it (as README says); passthrough=0 allows it."""
+    lowers, upper, work, mnt = layer_dirs(tmp_path, 1)
+    (lowers[0] / "f").write_text("lower\n")
+    top = tmp_path / "top"
+    for d in ("up", "work", "mnt"):
+        (top / d).mkdir(parents=True)
+    with mounted("strata", lowers, upper, work, mnt, extra="passthrough=0"), \
+            mounted("kernel", [mnt], top / "up", top / "work", top / "mnt"):
+        assert (top / "mnt" / "f").read_text() == "lower\n"
