@@ -38,12 +38,14 @@ class View:
 
 @contextlib.contextmanager
 def view(
-    system: System, stack: Stack, scratch: Path, writes: Sequence[str] | None, timeout: float
+    system: System, stack: Stack, scratch: Path, writes: Sequence[str] | None, timeout: float,
+    readonly: bool = False,
 ) -> Iterator[View]:
     """A fresh view of stack for one sample, in scratch (created here, removed after).
 
     writes: the lower paths the sample changes; the plain directory gets a copy of
-    just those to change (None: read-only, it reads the plain tree in place)."""
+    just those to change (None: read-only, it reads the plain tree in place).
+    readonly: the union is mounted without an upper layer."""
     scratch.mkdir(parents=True)
     mnt = scratch / "mnt"
     try:
@@ -62,7 +64,8 @@ def view(
             d.mkdir()
         v: View | None = None
         try:
-            v = _mount(system, system.mount_command(stack, upper, work, mnt), mnt, timeout)
+            cmd = system.mount_command(stack, None if readonly else upper, None if readonly else work, mnt)
+            v = _mount(system, cmd, mnt, timeout)
             yield v
         finally:
             _unmount(mnt, v.pid if v else (daemon.find(mnt) if system.daemon else None))

@@ -125,9 +125,9 @@ def _repeat(
 
 def _sample(w: Workload, s: System, scratch: Path, timeout: float) -> dict[str, Any]:
     if w.measures_mount and w.mode == WARM:
-        with mounts.view(s, w.stack, scratch, w.writes, timeout):
+        with mounts.view(s, w.stack, scratch, w.writes, timeout, w.readonly):
             pass
-    with mounts.view(s, w.stack, scratch, w.writes, timeout) as v:
+    with mounts.view(s, w.stack, scratch, w.writes, timeout, w.readonly) as v:
         smp = Sample(v.path, v.mount_seconds, timeout)
         if w.mode == COLD:
             drop_caches()

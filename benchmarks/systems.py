@@ -28,7 +28,7 @@ class System:
     def program(self) -> str | None:
         return shutil.which(self.key)
 
-    def mount_command(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
+    def mount_command(self, stack: Stack, upper: Path | None, work: Path | None, mnt: Path) -> list[str]:
         raise NotImplementedError
 
     def version(self) -> str:
@@ -50,7 +50,7 @@ class System:
         return None
 
 
-def _overlay_opts(stack: Stack, upper: Path, work: Path) -> str:
+def _overlay_opts(stack: Stack, upper: Path | None, work: Path | None) -> str:
     return client.Union(stack.lowers, upper, work).options()
 
 
@@ -64,7 +64,7 @@ class StrataUnionfs(System):
         except StrataError:
             return None
 
-    def mount_command(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
+    def mount_command(self, stack: Stack, upper: Path | None, work: Path | None, mnt: Path) -> list[str]:
         return [self.program() or "strata-unionfs", "-o", _overlay_opts(stack, upper, work), str(mnt)]
 
 
@@ -107,7 +107,7 @@ class KernelOverlayfs(System):
                 return "the kernel has no overlay filesystem"
         return None
 
-    def mount_command(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
+    def mount_command(self, stack: Stack, upper: Path | None, work: Path | None, mnt: Path) -> list[str]:
         return ["mount", "-t", "overlay", "overlay", "-o", _overlay_opts(stack, upper, work), str(mnt)]
 
 
@@ -116,7 +116,7 @@ class FuseOverlayfs(System):
     title = "fuse-overlayfs"
     package = "fuse-overlayfs"
 
-    def mount_command(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
+    def mount_command(self, stack: Stack, upper: Path | None, work: Path | None, mnt: Path) -> list[str]:
         return ["fuse-overlayfs", "-o", _overlay_opts(stack, upper, work), str(mnt)]
 
 
@@ -125,9 +125,9 @@ class UnionfsFuse(System):
     title = "unionfs-fuse"
     package = "unionfs-fuse"
 
-    def mount_command(self, stack: Stack, upper: Path, work: Path, mnt: Path) -> list[str]:
+    def mount_command(self, stack: Stack, upper: Path | None, work: Path | None, mnt: Path) -> list[str]:
         # cow: writes to lower files copy them up (the union semantics the others have).
-        branches = ":".join([f"{upper}=RW", *(f"{lower}=RO" for lower in stack.lowers)])
+        branches = ":".join([*([f"{upper}=RW"] if upper else []), *(f"{lower}=RO" for lower in stack.lowers)])
         return ["unionfs-fuse", "-o", "cow", branches, str(mnt)]
 
 

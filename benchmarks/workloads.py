@@ -44,6 +44,7 @@ class Workload:
     measures_mount: bool = False  # the row is the mount itself (nothing to measure on a plain directory)
     layers: int | None = None  # the scaling rows
     warm_up: Callable[[Sample], float] | None = None  # what WARM runs first, when cheaper than run itself
+    readonly: bool = False  # the union is mounted without an upper (passthrough reads every file)
 
 
 def _timed(cmd: list[str], s: Sample) -> float:
@@ -248,6 +249,12 @@ def build(cfg: Config, ds: Dataset) -> list[Workload]:
             warm_up=_dd,  # the same pages cached, without fio's start-up
         ),
         Workload("tar-warm", f"tar of the tree ({mib:.0f} MiB), warm", "read", WARM, m, _tar(TREE)),
+        Workload("dd-cold-ro", f"dd {cfg.big_mib} MiB, cold, read-only mount", "read", COLD, m, _dd,
+                 readonly=True),
+        Workload("dd-warm-ro", f"dd {cfg.big_mib} MiB, warm, read-only mount", "read", WARM, m, _dd,
+                 readonly=True),
+        Workload("tar-warm-ro", f"tar of the tree ({mib:.0f} MiB), warm, read-only mount", "read", WARM, m,
+                 _tar(TREE), readonly=True),
         Workload("tar-small-warm", f"tar of {cfg.small_files} files of {SMALL_SIZE} B, warm", "read", WARM, m,
                  _tar(SMALL)),
         Workload("tar-small-cold", f"tar of {cfg.small_files} files of {SMALL_SIZE} B, cold", "read", COLD, m,

@@ -56,8 +56,8 @@ def test_json_has_every_row_with_real_numbers(run_dir: tuple[dict, Path, Path]) 
     data = json.loads((out / "results.json").read_text())
     rows = {r["key"]: r for r in data["rows"]}
     expected = {"mount", "find-cold", "find-warm", "stat-cold", "stat-warm", "dd-cold", "dd-warm", "fio-warm",
-                "tar-warm", "tar-small-warm", "tar-small-cold", "copy-up", "stall-p99", "stall-max", "create",
-                "rm"}  # fmt: skip
+                "tar-warm", "tar-small-warm", "tar-small-cold", "dd-cold-ro", "dd-warm-ro", "tar-warm-ro",
+                "copy-up", "stall-p99", "stall-max", "create", "rm"}  # fmt: skip
     expected |= {f"layers{n}-{m}" for n in TINY.layer_counts for m in ("mount", "stat-cold", "stat-warm")}
     assert set(rows) == expected
     cells = {(c["workload"], c["system"]): c for c in data["cells"]}
