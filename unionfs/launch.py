@@ -12,8 +12,10 @@ mount namespace and its stdout/stderr, and exits with the mount's status.
 What the command line means is unionfs.cli's alone, as is every message.
 
 Not through the service: -f/-d (the caller wants the daemon in the
-foreground), --help and --version (cli answers them), and everything when
-STRATA_UNIONFS_DIRECT=1 is set or the service cannot be reached.
+foreground), --help and --version (cli answers them), layers given as the
+caller's own fds (/proc/self/fd/N, as clone volumes pass them: the service
+does not have them), and everything when STRATA_UNIONFS_DIRECT=1 is set or the
+service cannot be reached.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ from collections.abc import Sequence
 SERVICE_DIR = "/run/strata/unionfs"
 DIRECT = "STRATA_UNIONFS_DIRECT"
 _LOCAL = {"-f", "-d", "--foreground", "--debug", "-h", "--help", "-V", "--version"}
+# Paths naming the caller's own descriptors (clone volumes pass their checked layers
+# as /proc/self/fd/N): only a process that inherits them can mount them.
+_OWN_FDS = ("/proc/self/fd/", "/dev/fd/")
+
+
+def _local(args: Sequence[str]) -> bool:
+    """Whether this process must mount by itself rather than through the service."""
+    return bool(_LOCAL.intersection(args)) or any(p in a for a in args for p in _OWN_FDS)
 
 
 def socket_path(package_dir: str | None = None) -> str:
@@ -101,7 +111,7 @@ def _through_service(argv: Sequence[str]) -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if os.environ.get(DIRECT) == "1" or _LOCAL.intersection(args):
+    if os.environ.get(DIRECT) == "1" or _local(args):
         return _direct(args, start_service=False)
     status = _through_service(args)
     if status is None:

@@ -8,8 +8,9 @@
  * -IS (no site), where fuse-overlayfs mounts in 3-4 ms. This program only
  * connects, sends and waits: what the command line means stays unionfs.cli's.
  * Whenever the service cannot take the request (not running, or an argument it
- * leaves to the command itself), it runs the Python launcher (FALLBACK) with
- * the same arguments, which mounts by itself and starts the service.
+ * leaves to the command itself: -f, -d, --help, --version, or a layer given as
+ * one of the caller's own fds), it runs the Python launcher (FALLBACK) with the
+ * same arguments, which mounts by itself and starts the service.
  *
  * The message: "M" + the arguments joined by NUL, with four fds (working
  * directory, mount namespace, stdout, stderr); the answer: "+" once a mount
@@ -36,6 +37,9 @@
 
 static const char *const local_args[] = {
     "-f", "-d", "--foreground", "--debug", "-h", "--help", "-V", "--version", NULL};
+/* Paths that name this process's own descriptors (clone volumes pass their
+ * checked layers so): only a process that inherits them can mount them. */
+static const char *const own_fds[] = {"/proc/self/fd/", "/dev/fd/", NULL};
 
 static void fallback(char **argv)
 {
@@ -90,10 +94,14 @@ int main(int argc, char **argv)
     const char *direct = getenv("STRATA_UNIONFS_DIRECT");
     if (direct && strcmp(direct, "1") == 0)
         fallback(argv);
-    for (int i = 1; i < argc; i++)
+    for (int i = 1; i < argc; i++) {
         for (const char *const *a = local_args; *a; a++)
             if (strcmp(argv[i], *a) == 0)
                 fallback(argv);
+        for (const char *const *p = own_fds; *p; p++)
+            if (strstr(argv[i], *p))
+                fallback(argv);
+    }
 
     int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
