@@ -36,8 +36,9 @@ def _code_stamp() -> tuple[tuple[str, int], ...]:
     return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in here.glob("*.py")))
 
 
-def _bind(path: str) -> socket.socket | None:
-    """Listen on path, unless another service answers there already."""
+def _bind(path: str) -> tuple[socket.socket, int] | None:
+    """Listen on path, unless another service answers there already; with the
+    inode of the socket file (to remove it at the end only if it is still ours)."""
     os.makedirs(launch.SERVICE_DIR, mode=0o700, exist_ok=True)
     os.chmod(launch.SERVICE_DIR, 0o700)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -57,8 +58,9 @@ def _bind(path: str) -> socket.socket | None:
     finally:
         os.umask(old)
     sock.listen(64)
+    ino = os.stat(tmp).st_ino
     os.rename(tmp, path)  # atomic: a client sees the old socket or this one
-    return sock
+    return sock, ino
 
 
 def _serve_one(conn: socket.socket, msg: bytes, fds: list[int], caller: int) -> None:
@@ -102,9 +104,10 @@ def _peer(conn: socket.socket) -> tuple[int, int]:
 
 
 def serve(path: str) -> int:
-    sock = _bind(path)
-    if sock is None:
+    bound = _bind(path)
+    if bound is None:
         return 0  # one is running
+    sock, ino = bound
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
     stamp = _code_stamp()
     cli.warm_up()
@@ -129,7 +132,7 @@ def serve(path: str) -> int:
                     for fd in fds:
                         os.close(fd)
     with contextlib.suppress(FileNotFoundError):
-        if os.stat(path).st_ino == os.fstat(sock.fileno()).st_ino:
+        if os.stat(path).st_ino == ino:  # not a newer service's
             os.unlink(path)
     return 0
 

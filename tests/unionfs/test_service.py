@@ -156,3 +156,16 @@ def test_the_daemon_lives_in_the_callers_cgroup(tmp_path: Path, fresh_service: N
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+def test_a_stopped_service_removes_its_socket(tmp_path: Path, fresh_service: None) -> None:
+    lowers, upper, work, mnt = layer_dirs(tmp_path, 1)
+    subprocess.run([STRATA, "-o", f"lowerdir={lowers[0]}", str(mnt)], check=True)
+    unmount(mnt)
+    pid = _wait_for_service()
+    service.stop()
+    deadline = time.monotonic() + 10
+    while _service_pid() == pid and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _service_pid() is None
+    assert not os.path.exists(launch.socket_path(service.__file__))
