@@ -26,13 +26,13 @@ import fcntl
 import itertools
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 from common.dirwalk import O_DIR
 from common.tree import remove_tree
 
 from .inodes import InodeTable, Node
-from .layers import UPPER, Ident, at, ident, open_checked, open_dir, stale
+from .layers import UPPER, Entry, Ident, at, ident, open_checked, open_dir, stale
 from .whiteout import is_private_xattr, set_opaque
 
 FICLONE = 0x40049409
@@ -306,21 +306,16 @@ class CopyUp:
             os.utime(ufd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
             self.table.uncopied(node, layer, was)
 
-    def tree(self, node: Node) -> None:
-        """Bring a whole merged directory into the upper, so it can be renamed
-        as one upper directory, marked opaque: nothing below shows through, and
-        the whiteouts in it (no longer needed) go. All or nothing: a failure
-        (ENOSPC) takes back every copy made, as a redirect would have needed none."""
+    def walk(self, top: Node) -> Generator[tuple[Node, Entry], None, None]:
+        """The nodes below top that a lower layer has a part in (an upper-only file
+        needs no copy), each directory before what is in it. The nodes attached for
+        the walk are dropped again when it ends, unless the kernel knows them."""
         stack = self.table.stack
         seen: list[Node] = []
-        log: CopyLog = []
-        dirs: list[Node] = []
+        todo = [top]
         try:
-            todo = [node]
             while todo:
                 d = todo.pop()
-                self.node(d, log=log)
-                dirs.append(d)
                 view = self.table.view(d)
                 for name in stack.listing(view):
                     entry = stack.child(view, name)
@@ -328,19 +323,35 @@ class CopyUp:
                         continue
                     child = self.table.attach(d, name, entry)
                     seen.append(child)
+                    yield child, entry
                     if entry.is_dir:
                         todo.append(child)
-                    else:
-                        self.node(child, log=log)
+        finally:
+            for child in seen:
+                self.table.drop_unused(child)
+
+    def tree(self, node: Node) -> None:
+        """Bring a whole merged directory into the upper, so it can be renamed
+        as one upper directory, marked opaque: nothing below shows through, and
+        the whiteouts in it (no longer needed) go. All or nothing: a failure
+        (ENOSPC) takes back every copy made, as a redirect would have needed none."""
+        log: CopyLog = []
+        dirs = [node]
+        walk = self.walk(node)
+        try:
+            self.node(node, log=log)
+            for child, entry in walk:
+                self.node(child, log=log)
+                if entry.is_dir:
+                    dirs.append(child)
         except BaseException:
             self.undo(log)
             raise
         finally:
-            for child in seen:
-                self.table.drop_unused(child)
+            walk.close()
         for d in dirs:
             ufd = self.table.dirfd(d, UPPER)
-            for name in stack.upper_whiteouts(ufd):
+            for name in self.table.stack.upper_whiteouts(ufd):
                 os.unlink(name, dir_fd=ufd)
             set_opaque(ufd)
             d.lowers = ()

@@ -651,27 +651,14 @@ class UnionFS(pyfuse3.Operations):
         files left to copy. Each copy is noted in log and held busy (hold): if the
         rename fails (ENOSPC), the caller takes them all back, and nobody can have
         written to them meanwhile."""
-        stack = self.table.stack
-        todo = [top]
-        held: list[Node] = []
+        walk = self._copyup().walk(top)
         try:
-            while todo:
-                d = todo.pop()
-                view = self.table.view(d)
-                for name in stack.listing(view):
-                    entry = stack.child(view, name)
-                    if entry is None or (entry.layer == UPPER and not entry.lowers):
-                        continue
-                    child = self.table.attach(d, name, entry)
-                    held.append(child)
-                    if entry.is_dir:
-                        todo.append(child)
-                    elif stat.S_ISREG(entry.st.st_mode) and entry.st.st_size:
-                        self._idle(child)
-                        await self._copied_up(child, log=log, hold=hold)
+            for child, entry in walk:
+                if not entry.is_dir and stat.S_ISREG(entry.st.st_mode) and entry.st.st_size:
+                    self._idle(child)
+                    await self._copied_up(child, log=log, hold=hold)
         finally:
-            for child in reversed(held):
-                self.table.drop_unused(child)
+            walk.close()
 
     @staticmethod
     def _inside(node: Node, d: Node) -> bool:
