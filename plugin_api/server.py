@@ -192,7 +192,6 @@ class PluginService:
             self._runner = None
             raise StrataError(f"cannot serve on {self.socket_path}: {e.strerror or e}") from None
         log.info("serving the VolumeDriver protocol on %s", self.socket_path)
-        _notify_systemd(b"READY=1")
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -205,12 +204,23 @@ class PluginService:
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then shut down cleanly."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        try:
-            await stop.wait()
-        finally:
-            await self.stop()
+        await serve_until_signalled(self)
+
+
+async def serve_until_signalled(*services: PluginService) -> None:
+    """Serve every service (e.g. the local and the shared volume plugins of `strata serve`)
+    in this loop until SIGTERM or SIGINT, then shut each down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started: list[PluginService] = []
+    try:
+        for svc in services:
+            await svc.start()
+            started.append(svc)
+        _notify_systemd(b"READY=1")  # once every socket listens
+        await stop.wait()
+    finally:
+        for svc in started:
+            await svc.stop()
