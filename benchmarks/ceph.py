@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .dockerd import _pids_mentioning as pids_mentioning
+
 FS_NAME = "cephfs"
 STRATA_CLIENT = "client.strata"
 _CLI_TIMEOUT = 60
@@ -312,6 +314,11 @@ def running_ceph(parent: str = "/var/tmp") -> Iterator[Cluster]:
     finally:
         c.stop()
         _detach_mounts_under(top)
+        # ceph-fuse clients of this cluster still trying to close their sessions (their
+        # command lines name its keyrings): nothing will answer them any more.
+        for pid in pids_mentioning(str(top)):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(top, ignore_errors=True)
 
 

@@ -50,11 +50,35 @@ class ClusterTimeout(StrataError):
     """The cluster did not answer within the configured time."""
 
 
-def bounded(fn: Callable[[], T], timeout: float, what: str) -> T:
+class Ticket:
+    """Who decides a bounded call's outcome: the worker, by committing its change before
+    the caller gives up, or the caller, by giving up first (the worker then undoes what
+    it did). So a Mount that answered Err never takes a reference later, when the
+    cluster comes back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = ""
+
+    def _settle(self, state: str) -> bool:
+        with self._lock:
+            self._state = self._state or state
+            return self._state == state
+
+    def commit(self) -> bool:
+        """For the worker: True if its change stands (the caller still waits)."""
+        return self._settle("committed")
+
+    def abandon(self) -> bool:
+        """For the caller: True if the worker had not committed yet (and now never will)."""
+        return self._settle("abandoned")
+
+
+def bounded(fn: Callable[[], T], timeout: float, what: str, ticket: Ticket | None = None) -> T:
     """fn() run in a thread of its own, given at most timeout seconds. A call into a
     mount of an unreachable cluster cannot be interrupted (the kernel waits for the
     FUSE daemon), so on timeout the thread is left to finish on its own and the caller
-    gets ClusterTimeout at once."""
+    gets ClusterTimeout at once, unless fn already committed through ticket."""
     box: dict[str, object] = {}
 
     def run() -> None:
@@ -67,7 +91,9 @@ def bounded(fn: Callable[[], T], timeout: float, what: str) -> T:
     t.start()
     t.join(timeout)
     if t.is_alive():
-        raise ClusterTimeout(f"{what}: the Ceph cluster did not answer within {timeout:g} s")
+        if ticket is None or ticket.abandon():
+            raise ClusterTimeout(f"{what}: the Ceph cluster did not answer within {timeout:g} s")
+        t.join()  # it committed: what is left of it is local
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]
@@ -154,28 +180,38 @@ def release(mountpoint: Path, timeout: float) -> None:
     bounded(lambda: client.unmount(mountpoint), timeout, f"unmount of {mountpoint}")
 
 
+def retire(cfg: CephConfig, mountpoint: Path, tag: str | None, now: State) -> str:
+    """Detach the mount at mountpoint unless it is absent, and when it is not live (its
+    daemon died, or the host rebooted under it) evict the session it had, tagged tag:
+    the MDS would otherwise keep that session's capabilities and block every other
+    client on those files until it times the session out (300 s after a reboot).
+    Returns what was done, one line ("" when nothing)."""
+    done = []
+    if now is not State.ABSENT:
+        release(mountpoint, cfg.timeout)
+        done.append(f"detached a {now.value} ceph-fuse mount")
+    if now is not State.LIVE and tag is not None:
+        try:
+            evict(cfg, tag)
+            done.append("evicted its session" if done else "evicted the session of a vanished mount")
+        except StrataError as e:  # a new mount works; other clients may wait for the MDS's timeout
+            done.append(f"could not evict its session: {e}")
+    return ", ".join(done)
+
+
 def ensure(cfg: CephConfig, fs_path: str, mountpoint: Path, tag: str | None,
            record_tag: Callable[[str], None]) -> tuple[str, str]:
     """Make mountpoint a live mount of fs_path. A live mount tagged `tag` (the recorded one)
-    is kept; a dead one is detached and its session evicted; then a new mount is made
-    under a fresh tag, handed to record_tag before the mount exists (so a crash between
-    the two never leaves a session nobody can name). Returns (the tag now mounted, what
-    was done in one line, "" when nothing)."""
+    is kept; anything else is retired; then a new mount is made under a fresh tag, handed
+    to record_tag before the mount exists (so a crash between the two never leaves a
+    session nobody can name). Returns (the tag now mounted, what was done in one line,
+    "" when nothing)."""
     now = state(mountpoint, cfg.timeout)
     if now is State.LIVE and tag is not None:
         return tag, ""
-    done = "mounted"
-    if now is not State.ABSENT:  # dead, or live under no tag of ours: replace it
-        release(mountpoint, cfg.timeout)
-        done = f"replaced a {now.value} ceph-fuse mount"
-    if now is State.DEAD and tag is not None:
-        try:
-            evict(cfg, tag)
-            done += " (its session evicted)"
-        except StrataError as e:  # the new mount works; other clients may wait for the MDS's timeout
-            done += f" (its session not evicted: {e})"
+    done = retire(cfg, mountpoint, tag, now)
     fresh = new_tag()
     record_tag(fresh)
     mountpoint.mkdir(mode=0o755, exist_ok=True)
     mount(cfg, fs_path, mountpoint, fresh)
-    return fresh, done
+    return fresh, f"{done}, mounted again" if done else "mounted"

@@ -40,13 +40,15 @@ class CephConfig:
         "cephfs": {"monitors": "10.0.0.1:6789,10.0.0.2:6789", "fs": "cephfs", "root": "/strata",
                    "client": "client.strata", "keyring": "/etc/ceph/ceph.client.strata.keyring",
                    "evict_client": "client.admin", "evict_keyring": "/etc/ceph/ceph.client.admin.keyring",
-                   "timeout": "15"}
+                   "timeout": "8"}
 
     `root` is a directory of the filesystem `fs` that must exist; every volume is a
     directory below it. `client`/`keyring` mount it (`ceph fs authorize FS client.strata
     /strata rwp`: `p` lets it set quotas). `evict_client`/`evict_keyring` (default: the
     same) evict a dead ceph-fuse's session, which needs `mds 'allow *'`. `timeout`
-    (seconds, default 15) bounds every wait on the cluster."""
+    (seconds, default 8) bounds every wait on the cluster; a whole plugin call, which
+    may wait several times (control mount, eviction, mount), answers within
+    3 x timeout + 5 s (29 s by default)."""
 
     monitors: str
     client: str
@@ -55,7 +57,7 @@ class CephConfig:
     fs: str = "cephfs"
     evict_client: str = ""
     evict_keyring: str = ""
-    timeout: float = 15.0
+    timeout: float = 8.0
 
     @classmethod
     def parse(cls, raw: object, where: str) -> CephConfig:

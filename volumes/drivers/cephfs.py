@@ -120,8 +120,8 @@ class SharedVolumes:
 
     # -- bounded calls ------------------------------------------------------------------
 
-    def _bounded(self, fn: Callable[[], T], what: str) -> T:
-        return cephfuse.bounded(fn, self.cfg.timeout * _CALL_FACTOR + 5, what)
+    def _bounded(self, fn: Callable[[], T], what: str, ticket: cephfuse.Ticket | None = None) -> T:
+        return cephfuse.bounded(fn, self.cfg.timeout * _CALL_FACTOR + 5, what, ticket)
 
     # -- this host's state --------------------------------------------------------------
 
@@ -338,9 +338,10 @@ class SharedVolumes:
         this host in the cluster. The volume's ceph-fuse is (re)made if absent or dead."""
         check_name(name)
         check_mount_id(mount_id)
-        return self._bounded(lambda: self._mount(name, mount_id), f"mount {name}")
+        ticket = cephfuse.Ticket()
+        return self._bounded(lambda: self._mount(name, mount_id, ticket), f"mount {name}", ticket)
 
-    def _mount(self, name: str, mount_id: str) -> Path:
+    def _mount(self, name: str, mount_id: str, ticket: cephfuse.Ticket) -> Path:
         with self._lock():
             vdir, _ = self._existing(name)
             refs = self._load_refs(name)
@@ -350,11 +351,14 @@ class SharedVolumes:
                 self._claim(vdir, name)
             try:
                 done = self._provision(name, refs)
+                if not ticket.commit():  # Docker was told this Mount failed: take no reference
+                    raise cephfuse.ClusterTimeout(f"mount {name}: answered too late")
             except BaseException:
                 if first:
-                    self._unclaim(vdir)
+                    with contextlib.suppress(StrataError, OSError):  # the first failure is the news
+                        self._release(name, refs)
                 raise
-            if done and not first:
+            if done != "mounted" and not first:
                 refs.note = f"{done} at {now_rfc3339()}"
             refs.mounts[mount_id] = refs.mounts.get(mount_id, 0) + 1
             refs.boot = self.boot
@@ -459,11 +463,15 @@ class SharedVolumes:
                         refs.note = f"{done} on recovery at {now_rfc3339()}"
                         self._save_refs(name, refs)
                         report.append(f"shared volume {name}: {refs.note}")
+                    continue
+                now = cephfuse.state(self.mountpoint(name), self.cfg.timeout)
+                if now is not cephfuse.State.LIVE:  # dead or gone with the last boot
+                    done = cephfuse.retire(self.cfg, self.mountpoint(name), refs.tag, now)
                 else:
-                    was = kernel.is_mountpoint(self.mountpoint(name))
-                    self._release(name, refs)
-                    if was:
-                        report.append(f"shared volume {name}: released a mount no ID references")
+                    done = "released a mount no ID references"
+                self._release(name, refs)
+                if done:
+                    report.append(f"shared volume {name}: {done}")
         return report
 
 
