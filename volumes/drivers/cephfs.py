@@ -87,7 +87,8 @@ class HostRefs:
 
 
 def _host_name() -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "host"
+    """The machine's name as part of a host id: no dots, which mark a marker's temp file."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64].strip("-") or "host"
 
 
 class SharedVolumes:
@@ -231,7 +232,10 @@ class SharedVolumes:
         return self._bounded(go, f"get {name}")
 
     def path(self, name: str) -> Path:
-        return self._bounded(lambda: (self._existing(name), self.mountpoint(name))[1], f"path {name}")
+        def go() -> Path:
+            self._existing(name)
+            return self.mountpoint(name)
+        return self._bounded(go, f"path {name}")
 
     def list_volumes(self) -> list[Volume]:
         def go() -> list[Volume]:
