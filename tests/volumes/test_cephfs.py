@@ -225,17 +225,23 @@ def _timed_err(h: SharedHost, endpoint: str, body: dict[str, Any]) -> tuple[str,
 def test_unreachable_cluster_answers_err_in_bounded_time(
     hosts: tuple[SharedHost, SharedHost], ceph: Cluster, make_host: Callable[..., SharedHost],
 ) -> None:
-    a, _ = hosts
+    a, b = hosts
     a.ok(CREATE, {"Name": "u1"})
+    b.ok(CREATE, {"Name": "u2"})
     ceph.pause()  # every daemon stopped: a partition, seen from the clients
     try:
-        for endpoint, body in ((GET, {"Name": "u1"}), (MOUNT, {"Name": "u1", "ID": "u"})):
+        for endpoint, body in ((MOUNT, {"Name": "u1", "ID": "u"}), (GET, {"Name": "u2"})):
             err, took = _timed_err(a, endpoint, body)
             print(f"[ceph] {endpoint} on a paused cluster: {took:.1f} s: {err}")
             assert "did not answer within" in err and took < CALL_BOUND
+        # A volume this host knows still answers Get (Docker would take an Err for "unknown"
+        # and make a local volume of that name), from this host's copy of the record.
+        vol = a.ok(GET, {"Name": "u1"})["Volume"]
+        assert vol["Name"] == "u1" and "last copy of the record" in vol["Status"]["Note"]
         assert a.call("/VolumeDriver.List") == {"Volumes": []}  # the local plugin is not held up
     finally:
         ceph.resume()
+    b.ok(REMOVE, {"Name": "u2"})
     # The Mount that answered Err took no reference when the cluster came back.
     assert status(a, "u1")["MountCount"] == 0
     a.ok(MOUNT, {"Name": "u1", "ID": "u"})

@@ -14,6 +14,8 @@ What lives where:
         host                  this host's id in the cluster (made once)
         .cluster/             a ceph-fuse mount of the root: how records are read and written
         NAME/host.json        this host's mount references (mount ID -> count), boot, mount tag
+        NAME/volume.json      this host's last copy of the record: Get's answer while the
+                              cluster cannot be reached
         NAME/_data            the volume's own ceph-fuse mount (-r ROOT/volumes/NAME/data),
                               made at its first Mount on this host and ended after the last
 
@@ -226,10 +228,46 @@ class SharedVolumes:
         return vol
 
     def get(self, name: str) -> Volume:
+        """The volume from the cluster; when the cluster cannot be reached, from this host's
+        last copy of its record (Docker takes a failing Get for an unknown volume and would
+        make a local one of the same name on the next `run -v`)."""
+        check_name(name)
+
         def go() -> Volume:
             vdir, rec = self._existing(name)
+            self._remember(name, rec)
             return self._volume(name, rec, vdir)
-        return self._bounded(go, f"get {name}")
+        try:
+            return self._bounded(go, f"get {name}")
+        except NoSuchVolume:
+            raise
+        except StrataError as e:
+            rec = self._remembered(name)
+            if rec is None:
+                raise
+            vol = self._volume(name, rec, None)
+            refs = self._load_refs(name)
+            vol.status = {"Type": TYPE, "Mounted": refs.refs > 0, "MountCount": refs.refs,
+                          "MountIDs": len(refs.mounts), "Host": self.host,
+                          "Note": f"this host's last copy of the record: {e}"}
+            return vol
+
+    def _remember(self, name: str, rec: dict[str, Any]) -> None:
+        """Keep this host's copy of a record it has seen (written only when it changed)."""
+        path = self._local(name) / RECORD
+        body = json.dumps(rec, sort_keys=True).encode() + b"\n"
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == body:
+                return
+        private_dir(self._local(name), STATE_ROOT_MODE)
+        write_atomic(path, body)
+
+    def _remembered(self, name: str) -> dict[str, Any] | None:
+        try:
+            raw = json.loads((self._local(name) / RECORD).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return raw if isinstance(raw, dict) else None
 
     def path(self, name: str) -> Path:
         def go() -> Path:
@@ -285,6 +323,7 @@ class SharedVolumes:
                              0o644)
                 # rename(2) never replaces a non-empty directory, and a volume's never is empty
                 os.rename(staging, top / name)
+                self._remember(name, rec)
                 return self._volume(name, rec, None)
             except OSError as e:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
@@ -347,7 +386,8 @@ class SharedVolumes:
 
     def _mount(self, name: str, mount_id: str, ticket: cephfuse.Ticket) -> Path:
         with self._lock():
-            vdir, _ = self._existing(name)
+            vdir, rec = self._existing(name)
+            self._remember(name, rec)
             refs = self._load_refs(name)
             self._forget_stale(refs)
             first = not refs.refs
