@@ -187,11 +187,18 @@ class Cluster:
             )
 
     def restart_mds(self) -> None:
-        """Stop the MDS (SIGTERM) and start it again; returns once it is active again."""
+        """Stop the MDS (SIGTERM; SIGKILL if it is not gone in 10 s: seen here hanging in
+        "shutting down rank 0") and start it again; returns once it is active again."""
         proc = self.procs.pop("mds.a")
-        proc.terminate()
-        proc.wait(30)
-        self._daemon("mds", "a")
+        try:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            self._daemon("mds", "a")
         self._wait_mds_active()
 
     def pause(self) -> None:

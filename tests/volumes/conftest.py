@@ -6,6 +6,7 @@ each, own state root) against it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from benchmarks.ceph import Cluster, running_ceph
+from benchmarks.dockerd import _pids_mentioning as pids_mentioning
 from plugin_api.client import PluginClient
 from volumes import VolumeConfig, VolumeManager
 from volumes.state import remove_tree
@@ -231,10 +233,19 @@ class SharedHost(Service):
         return out
 
     def close(self) -> None:
-        """Stop the service and end every mount under the host (volumes and control mount)."""
+        """Stop the service and end every mount under the host (volumes and control mount:
+        detached, so each ceph-fuse closes its session). A service stuck in a call into a
+        mount of a cluster that stopped answering cannot die until that call returns: then
+        the host's ceph-fuse daemons (their command lines name its state root) are killed."""
         if self.proc is not None:
             self.proc.kill()
-            self.proc.wait()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                for pid in pids_mentioning(str(self.env.root)):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                self.proc.wait()
             self.proc = None
         remove_tree(self.env.root.parent)
         shutil.rmtree(self.sock_dir, ignore_errors=True)

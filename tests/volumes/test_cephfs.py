@@ -162,7 +162,10 @@ def test_kill9_of_the_service_keeps_volumes_and_references(hosts: tuple[SharedHo
     a, b = hosts
     a.ok(CREATE, {"Name": "s1"})
     a.ok(MOUNT, {"Name": "s1", "ID": "keep"})
-    (a.mountpoint("s1") / "f").write_text("kept\n")
+    with open(a.mountpoint("s1") / "f", "w") as f:  # what ceph-fuse buffered dies with it
+        f.write("kept\n")
+        f.flush()
+        os.fsync(f.fileno())
     a.kill9()
     # While the service is down its ceph-fuse dies too: the restart must mount it again.
     os.kill(ceph_fuse_pid(a, "s1"), signal.SIGKILL)

@@ -68,4 +68,4 @@ def test_created_on_host_a_read_on_host_b(hosts: tuple[SharedHost, SharedHost], 
         assert res.returncode != 0 and "in use on host(s)" in res.stderr, res.stderr
         a.ok("/VolumeDriver.Unmount", {"Name": "web", "ID": "container-on-a"})
         d.docker("volume", "rm", "web")
-    assert a.ok("/VolumeDriver.List")["Volumes"] == []
+    assert "web" not in [v["Name"] for v in a.ok("/VolumeDriver.List")["Volumes"]]

@@ -10,9 +10,11 @@ What lives where:
         volumes/NAME/removing      a Remove in flight (mkdir: the arbiter between hosts)
         .new-HOST-*/ .trash-HOST-*/  a Create or Remove of HOST in flight
 
-    in the host's state root (<state root>/shared-volumes, root only)
-        host                  this host's id in the cluster (made once)
+    in the host's state root (<state root>/shared-volumes, root only; dot names are never
+    volume names)
+        .host                 this host's id in the cluster (made once)
         .cluster/             a ceph-fuse mount of the root: how records are read and written
+        .cluster.tag          the client-metadata tag of that mount
         NAME/host.json        this host's mount references (mount ID -> count), boot, mount tag
         NAME/volume.json      this host's last copy of the record: Get's answer while the
                               cluster cannot be reached
@@ -112,19 +114,25 @@ class SharedVolumes:
     def _host_id(self) -> str:
         """This host's name in the cluster, made once: the machine's name plus a random
         part, so two state roots on one machine are two hosts."""
-        path = self.root / "host"
+        path = self.root / ".host"
         with contextlib.suppress(FileNotFoundError):
             return check_name(path.read_text().strip())
-        write_atomic(path.with_suffix(".new"), f"{_host_name()}-{os.urandom(4).hex()}\n".encode())
+        mine = self.root / f".host.{os.getpid()}"
+        write_atomic(mine, f"{_host_name()}-{os.urandom(4).hex()}\n".encode())
         with contextlib.suppress(FileExistsError):  # another process made one first: keep theirs
-            os.link(path.with_suffix(".new"), path)
-        os.unlink(path.with_suffix(".new"))
+            os.link(mine, path)
+        os.unlink(mine)
         return check_name(path.read_text().strip())
 
     # -- bounded calls ------------------------------------------------------------------
 
     def _bounded(self, fn: Callable[[], T], what: str, ticket: cephfuse.Ticket | None = None) -> T:
-        return cephfuse.bounded(fn, self.cfg.timeout * _CALL_FACTOR + 5, what, ticket)
+        """fn within the call's time bound; a failed file operation in the cluster (another
+        host changed what this call was looking at) is a one-line error, not a crash."""
+        try:
+            return cephfuse.bounded(fn, self.cfg.timeout * _CALL_FACTOR + 5, what, ticket)
+        except OSError as e:
+            raise StrataError(f"{what}: {e.strerror or e}") from None
 
     # -- this host's state --------------------------------------------------------------
 
@@ -166,7 +174,7 @@ class SharedVolumes:
     def _cluster(self) -> Path:
         """The root of the shared volumes through this host's control mount, mounted (or
         replaced, when its ceph-fuse died) first if need be."""
-        tag_file = self.root / "cluster.tag"
+        tag_file = self.root / ".cluster.tag"
         with flock(self.root / ".cluster.lock", True):
             try:
                 tag: str | None = tag_file.read_text().strip()
@@ -352,8 +360,12 @@ class SharedVolumes:
                 raise StrataError(f"volume {name} is in use on this host ({refs.refs} mount reference(s))")
             vdir, _ = self._existing(name)
             flag = vdir / "removing"
-            with contextlib.suppress(FileExistsError):  # another Remove runs: both check, one renames
+            try:
                 flag.mkdir()
+            except FileExistsError:  # another Remove runs: both check, one renames
+                pass
+            except FileNotFoundError:  # ... and already did
+                raise NoSuchVolume(name) from None
             users = self._users(vdir)
             if users:
                 with contextlib.suppress(OSError):
