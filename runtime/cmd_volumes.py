@@ -21,6 +21,9 @@ from volumes.names import check_name
 from .commands import Command
 from .output import human_size, print_json, print_table
 
+# The plugin name of the shared (CephFS) volumes, beside DEFAULT_NAME's local ones.
+SHARED_NAME = "strata-shared"
+
 
 def _key_values(items: list[str] | None, what: str) -> dict[str, str]:
     out: dict[str, str] = {}
@@ -145,9 +148,6 @@ def _plugin_socket(name: str, sock: str | None, spec_dir: str) -> tuple[Path, Pa
     if not socket_path.is_absolute():
         raise StrataError(f"socket must be an absolute path, not {sock}")
     return socket_path, spec_path_for(name, socket_path, Path(spec_dir))
-
-
-SHARED_NAME = "strata-shared"
 
 
 def _config(p: argparse.ArgumentParser) -> None:
