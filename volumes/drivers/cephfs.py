@@ -15,6 +15,7 @@ What lives where:
         .host                 this host's id in the cluster (made once)
         .cluster/             a ceph-fuse mount of the root: how records are read and written
         .cluster.tag          the client-metadata tag of that mount
+        .lock, .locks/NAME    flocks: recovery takes .lock alone, a call on NAME shares it
         NAME/host.json        this host's mount references (mount ID -> count), boot, mount tag
         NAME/volume.json      this host's last copy of the record: Get's answer while the
                               cluster cannot be reached
@@ -45,7 +46,7 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -136,9 +137,19 @@ class SharedVolumes:
 
     # -- this host's state --------------------------------------------------------------
 
-    def _lock(self) -> contextlib.AbstractContextManager[None]:
-        """Orders Mount, Unmount and Remove on this host (and the control mount's upkeep)."""
-        return flock(self.root / ".lock", True)
+    @contextlib.contextmanager
+    def _lock(self, name: str | None = None) -> Iterator[None]:
+        """Orders Mount, Unmount and Remove of one volume on this host (name), or everything
+        (None: recovery). Volumes lock apart, so first Mounts of different volumes start
+        their ceph-fuse side by side; the lock files stay (`.locks/NAME`), so no holder
+        ever locks a file another has just deleted."""
+        with flock(self.root / ".lock", name is None):
+            if name is None:
+                yield
+                return
+            locks = private_dir(self.root / ".locks", STATE_ROOT_MODE)
+            with flock(locks / check_name(name), True):
+                yield
 
     def _local(self, name: str) -> Path:
         return self.root / check_name(name)
@@ -353,7 +364,7 @@ class SharedVolumes:
         self._bounded(lambda: self._remove(name), f"remove {name}")
 
     def _remove(self, name: str) -> None:
-        with self._lock():
+        with self._lock(name):
             refs = self._load_refs(name)
             self._forget_stale(refs)
             if refs.refs:
@@ -397,7 +408,7 @@ class SharedVolumes:
         return self._bounded(lambda: self._mount(name, mount_id, ticket), f"mount {name}", ticket)
 
     def _mount(self, name: str, mount_id: str, ticket: cephfuse.Ticket) -> Path:
-        with self._lock():
+        with self._lock(name):
             vdir, rec = self._existing(name)
             self._remember(name, rec)
             refs = self._load_refs(name)
@@ -457,7 +468,7 @@ class SharedVolumes:
         self._bounded(lambda: self._unmount(name, mount_id), f"unmount {name}")
 
     def _unmount(self, name: str, mount_id: str) -> None:
-        with self._lock():
+        with self._lock(name):
             refs = self._load_refs(name)
             if mount_id not in refs.mounts:
                 raise StrataError(f"volume {name} is not mounted with ID {mount_id}")
