@@ -10,13 +10,14 @@ PY     := $(VENV)/bin/python
 SBIN   := /usr/local/sbin
 
 # Debian packages: build deps of pyfuse3, the kernel-side tools, and the real clients
-# the tests drive (peers, docker, podman, registry).
+# the tests drive (peers, docker, podman, registry, a single-node Ceph cluster).
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch attr psmisc e2fsprogs \
 	fuse-overlayfs unionfs-fuse fio \
 	docker.io podman docker-registry skopeo busybox-static iproute2 iputils-ping xfsprogs \
 	libseccomp2 golang-github-containers-common \
 	meson ninja-build curl ca-certificates \
-	containerd golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev
+	containerd golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev \
+	ceph-mon ceph-mgr ceph-osd ceph-mds ceph-fuse ceph-common
 
 .PHONY: all deps venv install test lint demo bench clean
 all: install

@@ -56,7 +56,7 @@ def make_archive(tmp: Path) -> Path:
 def one_round(driver: str, archive: Path, runs: int) -> dict[str, Any]:
     """A fresh dockerd on driver: load once, then `run --rm IMAGE true` runs+1 times."""
     if driver == "strata":
-        with plugin_service(PLUGIN, Path(f"/run/docker/plugins/{PLUGIN}.sock")), \
+        with plugin_service(name=PLUGIN, sock=Path(f"/run/docker/plugins/{PLUGIN}.sock")), \
                 running_dockerd(["--experimental", "--storage-driver", PLUGIN]) as d:
             return _measure(d, archive, runs)
     with running_dockerd(["--storage-driver", "overlay2"]) as d:

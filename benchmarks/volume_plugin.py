@@ -1,6 +1,6 @@
 """Benchmark of the strata volume plugin service, as Docker drives it.
 
-    python -m benchmarks.volume_plugin [--quick] [--format json] [--out FILE]
+    python -m benchmarks.volume_plugin [--quick] [--shared] [--format json] [--out FILE]
 
 Starts a private `strata serve` (temp state root, temp socket) and measures,
 over the real protocol (aiohttp client, Docker's headers and bodies):
@@ -15,12 +15,22 @@ over the real protocol (aiohttp client, Docker's headers and bodies):
 
 Every Mount/Unmount is a durable state change (temp file, fsync, rename, fsync
 of the directory), so these figures include the disk's fsync latency.
+
+With `--shared` it also starts a private single-node Ceph cluster
+(benchmarks.ceph: one OSD on memstore, so the cluster's disk is memory and these
+figures are the client side's: ceph-fuse, the MDS round trips, strata's records
+in CephFS) and serves the shared plugin beside the local one: Mount/Unmount
+latency of a `cephfs` volume (each Mount a ceph-fuse mount), requests per second
+on it, and data throughput through a mounted CephFS volume beside a local one
+(sequential write with fsync and read back, small files created and read),
+interleaved repeats, medians and ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -44,15 +54,19 @@ CONCURRENCY = (1, 16, 64)
 
 
 @contextmanager
-def plugin_service(name: str = "strata", sock: Path | None = None) -> Iterator[str]:
-    """A `strata serve` on a private root (and socket, unless one is given, such as
-    /run/docker/plugins/NAME.sock for a dockerd to find); yields its address, always cleans up."""
+def plugin_service(cephfs: dict[str, Any] | None = None, name: str = "strata",
+                   sock: Path | None = None) -> Iterator[tuple[str, str]]:
+    """A `strata serve` on a private root and socket (unless one is given, such as
+    /run/docker/plugins/NAME.sock for a dockerd to find; with cephfs settings, also its
+    shared plugin); yields the local and the shared plugin's addresses, always cleans up."""
     top = Path(tempfile.mkdtemp(prefix="strata-bench-vol-", dir="/tmp"))
-    sock = sock or top / "p.sock"
+    sock, shared = sock or top / "p.sock", top / "s.sock"
+    config = top / "volumes.json"
+    config.write_text(json.dumps({"cephfs": cephfs} if cephfs else {}))
     log = open(top / "serve.log", "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [STRATA, "--root", str(top / "state"), "serve", "--name", name, "--socket", str(sock),
-         "--spec-dir", str(top / "spec"), "--config", str(top / "none.json")],
+         "--shared-socket", str(shared), "--spec-dir", str(top / "spec"), "--config", str(config)],
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:
@@ -60,14 +74,14 @@ def plugin_service(name: str = "strata", sock: Path | None = None) -> Iterator[s
         while True:
             with socket.socket(socket.AF_UNIX) as s:
                 try:
-                    s.connect(str(sock))
+                    s.connect(str(shared if cephfs else sock))
                     break
                 except OSError:
                     pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"strata serve did not start: {(top / 'serve.log').read_text()}")
             time.sleep(0.05)
-        yield f"unix://{sock}"
+        yield f"unix://{sock}", f"unix://{shared}"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -93,6 +107,7 @@ async def latency(address: str, vtype: str, rounds: int, progress: Progress) -> 
         "local-size": {"size": "64m"},
         "tmpfs": {"type": "tmpfs", "size": "16m"},
         "clone": {"type": "clone", "from": "lat-src"},
+        "cephfs": None,  # on the shared plugin
     }
     name = f"lat-{vtype}"
     mounts, unmounts = [], []
@@ -142,7 +157,7 @@ async def throughput(address: str, workload: str, clients: int, seconds: float) 
                 "mount+unmount, volume per client": lambda n: mount_pair(n, f"own{i}"),
                 "get": get,
             }
-            return table[workload]
+            return table[workload.removeprefix("cephfs ")]
 
         deadline = time.perf_counter() + seconds
         latencies: list[float] = []
@@ -170,6 +185,88 @@ async def throughput(address: str, workload: str, clients: int, seconds: float) 
             "requests_per_s": sum(counts) / elapsed, **summary(latencies)}
 
 
+def seq_write(path: Path, size: int) -> float:
+    """Seconds to write size bytes in 1 MiB blocks and fsync."""
+    block = os.urandom(1 << 20)
+    t0 = time.perf_counter()
+    with open(path / "seq", "wb") as f:
+        for _ in range(size >> 20):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    return time.perf_counter() - t0
+
+
+def seq_read(path: Path) -> float:
+    t0 = time.perf_counter()
+    with open(path / "seq", "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
+    took = time.perf_counter() - t0
+    os.unlink(path / "seq")
+    return took
+
+
+def small_create(path: Path, count: int) -> float:
+    """Seconds to create count files of 4 KiB in a fresh directory and fsync it."""
+    d = path / "small"
+    data = os.urandom(4096)
+    t0 = time.perf_counter()
+    d.mkdir()
+    for i in range(count):
+        with open(d / f"f{i}", "wb") as f:
+            f.write(data)
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(fd)
+    os.close(fd)
+    return time.perf_counter() - t0
+
+
+def small_read(path: Path, count: int) -> float:
+    d = path / "small"
+    t0 = time.perf_counter()
+    for i in range(count):
+        with open(d / f"f{i}", "rb") as f:
+            f.read()
+    took = time.perf_counter() - t0
+    remove_tree(d)
+    return took
+
+
+async def data_throughput(local: str, shared: str, size: int, files: int, repeats: int,
+                          progress: Progress) -> list[dict[str, Any]]:
+    """The same file workloads through a mounted local volume and a mounted CephFS volume,
+    interleaved, `repeats` times each; medians and the CephFS/local ratio."""
+    workloads: list[tuple[str, str, Callable[[Path], float]]] = [
+        ("sequential write + fsync", f"{size >> 20} MiB", lambda p: seq_write(p, size)),
+        ("sequential read (just written)", f"{size >> 20} MiB", seq_read),
+        ("small files: create + write", f"{files} x 4 KiB", lambda p: small_create(p, files)),
+        ("small files: read (just written)", f"{files} x 4 KiB", lambda p: small_read(p, files)),
+    ]
+    async with PluginClient(local, timeout=120) as lc, PluginClient(shared, timeout=120) as sc:
+        await lc.create("io-local", None)
+        await sc.create("io-ceph", None)
+        paths = {"local": Path(await lc.mount("io-local", "bench")),
+                 "cephfs": Path(await sc.mount("io-ceph", "bench"))}
+        times: dict[tuple[str, str], list[float]] = {}
+        try:
+            for _ in range(repeats):
+                for which, path in paths.items():
+                    for label, _, fn in workloads:
+                        times.setdefault((label, which), []).append(await asyncio.to_thread(fn, path))
+                    progress.advance()
+        finally:
+            await lc.unmount("io-local", "bench")
+            await sc.unmount("io-ceph", "bench")
+            await lc.remove("io-local")
+            await sc.remove("io-ceph")
+    out = []
+    for label, amount, _ in workloads:
+        loc, cep = (statistics.median(times[(label, w)]) for w in ("local", "cephfs"))
+        out.append({"workload": label, "amount": amount, "local_s": loc, "cephfs_s": cep, "ratio": cep / loc})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks.volume_plugin",
@@ -180,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, help="duration of each throughput run (default 3)")
     ap.add_argument("--types", default="local,local-size,tmpfs,clone",
                     help="volume types to time (default %(default)s)")
+    ap.add_argument("--shared", action="store_true",
+                    help="also the shared (CephFS) backend, on a private single-node Ceph cluster")
     ap.add_argument("--format", choices=["table", "json"], default="table")
     ap.add_argument("--out", help="also write the results as JSON to this file")
     args = ap.parse_args(argv)
@@ -190,18 +289,35 @@ def main(argv: list[str] | None = None) -> int:
     types = [t for t in args.types.split(",") if t]
     workloads = ["mount+unmount, shared volume", "mount+unmount, volume per client", "get"]
 
-    results: dict[str, Any] = {"latency": [], "throughput": []}
-    with plugin_service() as address:
+    results: dict[str, Any] = {"latency": [], "throughput": [], "data": []}
+    with contextlib.ExitStack() as stack:
+        cephfs = None
+        if args.shared:
+            from .ceph import running_ceph
+
+            cluster = stack.enter_context(running_ceph())
+            cluster.make_dir("/strata")
+            cephfs = cluster.strata_config("/strata")
+            results["ceph_start_s"] = cluster.started_in
+            types.append("cephfs")
+        address, shared = stack.enter_context(plugin_service(cephfs))
         for vtype in types:
             # A FUSE daemon or a loop-mounted ext4 per round: fewer rounds.
             n = rounds if vtype in ("local", "tmpfs") else max(10, rounds // 10)
             with Progress(f"latency {vtype}", total=n) as prog:
-                results["latency"].append(asyncio.run(latency(address, vtype, n, prog)))
-        with Progress("throughput", total=len(workloads) * len(CONCURRENCY)) as prog:
-            for w in workloads:
-                for clients in CONCURRENCY:
-                    results["throughput"].append(asyncio.run(throughput(address, w, clients, seconds)))
-                    prog.advance()
+                where = shared if vtype == "cephfs" else address
+                results["latency"].append(asyncio.run(latency(where, vtype, n, prog)))
+        runs = [(w, c, address) for w in workloads for c in CONCURRENCY]
+        if args.shared:  # each first Mount is a ceph-fuse start: 16 clients at most
+            runs += [(f"cephfs {w}", c, shared) for w in workloads for c in CONCURRENCY[:2]]
+        with Progress("throughput", total=len(runs)) as prog:
+            for w, clients, where in runs:
+                results["throughput"].append(asyncio.run(throughput(where, w, clients, seconds)))
+                prog.advance()
+        if args.shared:
+            size, files, repeats = ((64 << 20, 300, 2) if args.quick else (256 << 20, 2000, 3))
+            with Progress("data throughput", total=2 * repeats) as prog:
+                results["data"] = asyncio.run(data_throughput(address, shared, size, files, repeats, prog))
 
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -221,6 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         [[r["workload"], r["clients"], r["requests"], f"{r['requests_per_s']:.0f}", f"{r['median_ms']:.2f}",
           f"{r['p99_ms']:.2f}"] for r in results["throughput"]],
     )
+    if results["data"]:
+        print()
+        print(f"Data through a mounted volume, CephFS beside local (medians; Ceph cluster up in "
+              f"{results['ceph_start_s']:.1f} s)")
+        print_table(
+            ["WORKLOAD", "AMOUNT", "LOCAL s", "CEPHFS s", "CEPHFS / LOCAL"],
+            [[r["workload"], r["amount"], f"{r['local_s']:.3f}", f"{r['cephfs_s']:.3f}", f"{r['ratio']:.2f}"]
+             for r in results["data"]],
+        )
     return 0
 
 

@@ -179,7 +179,6 @@ class PluginService:
             raise StrataError(f"cannot serve on {self.socket_path}: {e.strerror or e}") from None
         log.info("serving %s on %s", " and ".join(["VolumeDriver", *(["GraphDriver"] if graph else [])]),
                  self.socket_path)
-        _notify_systemd(b"READY=1")
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -192,14 +191,21 @@ class PluginService:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
-    async def run_until_signalled(self) -> None:
-        """Serve until SIGTERM or SIGINT, then shut down cleanly."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        try:
-            await stop.wait()
-        finally:
-            await self.stop()
+
+async def serve_until_signalled(*services: PluginService) -> None:
+    """Serve every service (e.g. the local and the shared volume plugins of `strata serve`)
+    in this loop until SIGTERM or SIGINT, then shut each down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started: list[PluginService] = []
+    try:
+        for svc in services:
+            await svc.start()
+            started.append(svc)
+        _notify_systemd(b"READY=1")  # once every socket listens
+        await stop.wait()
+    finally:
+        for svc in started:
+            await svc.stop()

@@ -22,6 +22,9 @@ from volumes.names import check_name
 from .commands import Command
 from .output import human_size, print_json, print_table
 
+# The plugin name of the shared (CephFS) volumes, beside DEFAULT_NAME's local ones.
+SHARED_NAME = "strata-shared"
+
 
 def _key_values(items: list[str] | None, what: str) -> dict[str, str]:
     out: dict[str, str] = {}
@@ -118,25 +121,37 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     # aiohttp is a third of a second to import: only the server pays for it, not every CLI call.
     from plugin_api.graph_store import GraphStore
-    from plugin_api.server import PluginService, spec_path_for
+    from plugin_api.server import PluginService, serve_until_signalled
 
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, format="strata serve: %(levelname)s %(message)s"
     )
-    try:  # a plugin name is a socket's and a spec file's name: the volume-name rule
-        check_name(args.name)
-    except StrataError as e:
-        raise StrataError(f"invalid plugin name {args.name!r}, by the volume-name rule: {e}") from None
-    socket_path = Path(args.socket) if args.socket else SOCKET_DIR / f"{args.name}.sock"
-    if not socket_path.is_absolute():
-        raise StrataError(f"--socket must be an absolute path, not {args.socket}")
-    spec = spec_path_for(args.name, socket_path, Path(args.spec_dir))
     manager = _manager(args)
     graph = None if args.no_graphdriver else GraphStore(
         Path(os.path.realpath(state_root(args.root))) / "graph", unionfs=manager.config.unionfs)
-    service = PluginService(manager, socket_path, spec, graph=graph)
-    asyncio.run(service.run_until_signalled())
+    services = [PluginService(manager, *_plugin_socket(args.name, args.socket, args.spec_dir), graph=graph)]
+    if manager.config.cephfs is not None:  # the shared volumes: a plugin of their own, Scope global
+        from volumes.drivers.cephfs import SharedVolumes
+
+        shared = SharedVolumes(state_root(args.root) / "shared-volumes", manager.config)
+        services.append(PluginService(shared, *_plugin_socket(args.shared_name, args.shared_socket,
+                                                              args.spec_dir)))
+    asyncio.run(serve_until_signalled(*services))
     return 0
+
+
+def _plugin_socket(name: str, sock: str | None, spec_dir: str) -> tuple[Path, Path | None]:
+    """A plugin's socket path and, when Docker would not find it by itself, its spec file."""
+    from plugin_api.server import spec_path_for
+
+    try:  # a plugin name is a socket's and a spec file's name: the volume-name rule
+        check_name(name)
+    except StrataError as e:
+        raise StrataError(f"invalid plugin name {name!r}, by the volume-name rule: {e}") from None
+    socket_path = Path(sock) if sock else SOCKET_DIR / f"{name}.sock"
+    if not socket_path.is_absolute():
+        raise StrataError(f"socket must be an absolute path, not {sock}")
+    return socket_path, spec_path_for(name, socket_path, Path(spec_dir))
 
 
 def _config(p: argparse.ArgumentParser) -> None:
@@ -180,6 +195,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", help="socket path (default /run/docker/plugins/NAME.sock; elsewhere a "
                    "spec file is written for Docker)")
     p.add_argument("--spec-dir", default=str(SPEC_DIR), help="where to write NAME.spec (default %(default)s)")
+    p.add_argument("--shared-name", default=SHARED_NAME,
+                   help="plugin name of the shared (CephFS, Scope global) volumes, served when the volume "
+                   "config has a cephfs section (default %(default)s)")
+    p.add_argument("--shared-socket", help="its socket (default /run/docker/plugins/SHARED_NAME.sock)")
     p.add_argument("-d", "--debug", action="store_true", help="log every request")
     p.add_argument("--no-graphdriver", action="store_true",
                    help="serve only VolumeDriver, not Docker's GraphDriver (layers under STATE_ROOT/graph)")

@@ -86,7 +86,7 @@ class VolumeRecord:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, exclusive: bool) -> Iterator[None]:
+def flock(path: Path, exclusive: bool) -> Iterator[None]:
     # A fresh open per holder: flock belongs to the open file description, so this excludes
     # other threads of this process as well as other processes.
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -126,10 +126,10 @@ class VolumeStore:
         return self.root / check_name(name)
 
     def lock_all(self, exclusive: bool) -> contextlib.AbstractContextManager[None]:
-        return _flock(self.root / ".lock", exclusive)
+        return flock(self.root / ".lock", exclusive)
 
     def lock_volume(self, name: str) -> contextlib.AbstractContextManager[None]:
-        return _flock(self.volume_dir(name) / "lock", True)
+        return flock(self.volume_dir(name) / "lock", True)
 
     def exists(self, name: str) -> bool:
         return (self.volume_dir(name) / RECORD).exists()

@@ -1,9 +1,12 @@
 """Fixtures for the volume tests: a private state root, a manager on it, and a real
-`strata serve` process (so it can be killed -9 and restarted) with a client."""
+`strata serve` process (so it can be killed -9 and restarted) with a client; for the
+shared volumes, one private Ceph cluster per session and "hosts" (a `strata serve`
+each, own state root) against it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -13,13 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks.ceph import Cluster, running_ceph
+from benchmarks.dockerd import _pids_mentioning as pids_mentioning
 from plugin_api.client import PluginClient
 from volumes import VolumeConfig, VolumeManager
 from volumes.state import remove_tree
@@ -163,3 +168,102 @@ def service(env: Env, tmp_path: Path) -> Iterator[Service]:
             svc.proc.kill()
             svc.proc.wait()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+# -- shared volumes on CephFS: one private cluster for the whole session --------------------
+
+
+@pytest.fixture(scope="session")
+def ceph() -> Iterator[Cluster]:
+    """A single-node Ceph cluster (benchmarks.ceph), started once for every test that needs
+    it and removed afterwards; /strata is the root strata's shared volumes live in."""
+    with running_ceph() as c:
+        c.make_dir(SHARED_ROOT)
+        print(f"\n[ceph] single-node cluster up in {c.started_in:.1f} s", file=sys.__stderr__)
+        yield c
+
+
+SHARED_ROOT = "/strata"
+SHARED_TIMEOUT = 5.0
+
+
+class SharedHost(Service):
+    """One "host": a `strata serve` with its own state root serving, besides its local
+    plugin, the shared plugin on a socket of its own, against the session's cluster."""
+
+    def __init__(self, top: Path, ceph: Cluster, shared_name: str, **cephfs: Any) -> None:
+        top.mkdir(parents=True, exist_ok=True)
+        config = top / "volumes.json"
+        settings = {**ceph.strata_config(SHARED_ROOT, timeout=SHARED_TIMEOUT), **cephfs}
+        config.write_text(json.dumps({"cephfs": settings}))
+        env = Env(top / "state", config, top)
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="sh-", dir="/tmp"))
+        super().__init__(env, self.sock_dir / "local.sock", top / "spec", name=f"{shared_name}-local")
+        self.shared_name = shared_name
+        self.shared_socket = self.sock_dir / "shared.sock"
+
+    def start(self, extra: tuple[str, ...] = ()) -> None:
+        super().start(("--shared-name", self.shared_name, "--shared-socket", str(self.shared_socket), *extra))
+
+    @property
+    def shared_root(self) -> Path:
+        return self.env.root / "shared-volumes"
+
+    def mountpoint(self, name: str) -> Path:
+        return self.shared_root / name / "_data"
+
+    def host_record(self, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads((self.shared_root / name / "host.json").read_text())
+        return out
+
+    def scall(self, endpoint: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One call to the shared plugin; the decoded answer, Err included."""
+        async def go() -> tuple[int, bytes]:
+            async with PluginClient(f"unix://{self.shared_socket}") as c:
+                return await c.call_raw(endpoint, b"" if body is None else json.dumps(body).encode())
+
+        status, raw = asyncio.run(go())
+        assert status == 200, (status, raw)
+        out: dict[str, Any] = json.loads(raw)
+        return out
+
+    def ok(self, endpoint: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        out = self.scall(endpoint, body)
+        assert "Err" not in out, (endpoint, body, out)
+        return out
+
+    def close(self) -> None:
+        """Stop the service and end every mount under the host (volumes and control mount:
+        detached, so each ceph-fuse closes its session). A service stuck in a call into a
+        mount of a cluster that stopped answering cannot die until that call returns: then
+        the host's ceph-fuse daemons (their command lines name its state root) are killed."""
+        if self.proc is not None:
+            self.proc.kill()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                for pid in pids_mentioning(str(self.env.root)):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                self.proc.wait()
+            self.proc = None
+        remove_tree(self.env.root.parent)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def make_host(ceph: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SharedHost]]:
+    """Start hosts on demand (`make_host("a")`); all are stopped and unmounted afterwards."""
+    hosts: list[SharedHost] = []
+
+    def make(label: str, shared_name: str = "strata-shared-test", **cephfs: Any) -> SharedHost:
+        h = SharedHost(tmp_path_factory.mktemp(f"host-{label}"), ceph, shared_name, **cephfs)
+        hosts.append(h)
+        h.start()
+        return h
+
+    try:
+        yield make
+    finally:
+        for h in hosts:
+            h.close()

@@ -1,5 +1,7 @@
 """Volume drivers, chosen per volume with `-o type=NAME`: local (default), bind,
-clone, tmpfs. `driver_for(type)` gives the one to use."""
+clone, tmpfs. `driver_for(type)` gives the one to use. Beside them, `cephfs` holds
+the shared backend (`SharedVolumes`): not a type of this host's volumes but a
+second VolumeDriver of its own, whose records live in the cluster."""
 
 from __future__ import annotations
 
