@@ -149,10 +149,15 @@ def stop(path: str | None = None) -> None:
             pass
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`python -m unionfs.service` serves (the command starts it so); `--stop` stops
+    this installation's service, if one runs (live mounts are not touched)."""
     if os.geteuid() != 0:
         print(f"{cli.PROG}: the mount service runs as root only", file=sys.stderr)
         return 1
+    if "--stop" in (sys.argv[1:] if argv is None else argv):
+        stop()
+        return 0
     daemon.set_title([cli.PROG, "(mount service)"])
     return serve(launch.socket_path())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,7 +164,7 @@ def test_a_stopped_service_removes_its_socket(tmp_path: Path, fresh_service: Non
     subprocess.run([STRATA, "-o", f"lowerdir={lowers[0]}", str(mnt)], check=True)
     unmount(mnt)
     pid = _wait_for_service()
-    service.stop()
+    subprocess.run([sys.executable, "-m", "unionfs.service", "--stop"], check=True, timeout=60)
     deadline = time.monotonic() + 10
     while _service_pid() == pid and time.monotonic() < deadline:
         time.sleep(0.02)
