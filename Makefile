@@ -6,7 +6,8 @@
 PYTHON ?= python3
 VENV   := $(CURDIR)/.venv
 PY     := $(VENV)/bin/python
-# Where mount.fuse3 (which resets PATH) and containerd's snapshotter look for helpers.
+# Where mount(8), mount.fuse3 and containerd find strata-unionfs: a system directory on
+# every PATH they run with.
 SBIN   := /usr/local/sbin
 
 # Debian packages: build deps of pyfuse3, the kernel-side tools, and the real clients
