@@ -168,14 +168,18 @@ class Copy:
         return stat.S_ISREG(self.st.st_mode) and (self.fsync or (self.data and self.st.st_size > 0))
 
     def fill(self) -> None:
-        """The data (holes kept) and, when asked, its fsync."""
+        """The data (holes kept) and, when asked, its fsync; discarded if that fails."""
         if not stat.S_ISREG(self.st.st_mode):
             return
         assert self.fd is not None and self.src_fd is not None
-        if self.data and self.st.st_size:
-            copy_data(self.src_fd, self.fd, self.st.st_size)
-        if self.fsync:
-            os.fsync(self.fd)
+        try:
+            if self.data and self.st.st_size:
+                copy_data(self.src_fd, self.fd, self.st.st_size)
+            if self.fsync:
+                os.fsync(self.fd)
+        except BaseException:
+            self.discard()
+            raise
 
     def seal(self) -> None:
         st, work, tmp, fd = self.st, self.work, self.tmp, self.fd
@@ -252,19 +256,9 @@ class CopyUp:
             chain.append(n)
             n = n.parent
         for n in reversed(chain):
-            before = (n, n.layer, n.ident)
-            self._one(n, data or n is not node)
-            if log is not None:
-                log.append(before)
-
-    def _one(self, node: Node, data: bool) -> None:
-        copy = self.begin(node, data)
-        try:
+            copy = self.begin(n, data or n is not node)
             copy.fill()
-        except BaseException:
-            copy.discard()
-            raise
-        self.end(node, copy)
+            self.end(n, copy, log)
 
     def begin(self, node: Node, data: bool) -> Copy:
         """Start the copy of node, whose directories above must be in the upper
@@ -278,9 +272,11 @@ class CopyUp:
         return Copy(self.work, src_dir, node.name, lst, data and not node.is_dir,
                     self.fsync and not node.is_dir)
 
-    def end(self, node: Node, copy: Copy) -> None:
-        """Seal a filled copy and put it in place of node (its open handles move to it)."""
+    def end(self, node: Node, copy: Copy, log: CopyLog | None = None) -> None:
+        """Seal a filled copy and put it in place of node (its open handles move to it);
+        with `log`, note where node was before (to undo)."""
         assert node.parent is not None
+        before = (node, node.layer, node.ident)
         try:
             copy.seal()
             dst_dir = self.table.dirfd(node.parent, UPPER)
@@ -291,6 +287,8 @@ class CopyUp:
         self.table.copied_up(node, ust)
         if not node.is_dir:
             self.moved(node, dst_dir)
+        if log is not None:
+            log.append(before)
 
     def undo(self, log: CopyLog) -> None:
         """Remove the copies noted in log, newest first: the upper is as it was

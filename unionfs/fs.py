@@ -229,30 +229,21 @@ class UnionFS(pyfuse3.Operations):
             return
         copyup.node(node.parent, log=log)
         copy = copyup.begin(node, data)
-        if not copy.long:
-            copy.fill()
-            before = (node, node.layer, node.ident)
-            copyup.end(node, copy)
-            if log is not None:
-                log.append(before)
-            return
-        self.busy[node.ino] = trio.Event()
+        busy = copy.long or hold is not None
+        if busy:
+            self.busy[node.ino] = trio.Event()
         try:
-            await pyfuse3.detach()
-            try:
+            if copy.long:
+                await pyfuse3.detach()
                 await trio.to_thread.run_sync(copy.fill)
-            except BaseException:
-                copy.discard()
-                raise
-            before = (node, node.layer, node.ident)
-            copyup.end(node, copy)
-            if log is not None:
-                log.append(before)
-        finally:
-            if hold is None:
-                self._release([node.ino])
             else:
+                copy.fill()
+            copyup.end(node, copy, log)
+        finally:
+            if busy and hold is not None:
                 hold.append(node.ino)
+            elif busy:
+                self._release([node.ino])
 
     def _release(self, inos: list[int]) -> None:
         """Long work on these nodes is over: the requests waiting for them start over."""
