@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .dockerd import _pids_mentioning as pids_mentioning
+from . import processes
+from .processes import pids_mentioning
 
 FS_NAME = "cephfs"
 STRATA_CLIENT = "client.strata"
@@ -189,14 +190,8 @@ class Cluster:
     def restart_mds(self) -> None:
         """Stop the MDS (SIGTERM; SIGKILL if it is not gone in 10 s: seen here hanging in
         "shutting down rank 0") and start it again; returns once it is active again."""
-        proc = self.procs.pop("mds.a")
         try:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            processes.stop(self.procs.pop("mds.a"), 10)
         finally:
             self._daemon("mds", "a")
         self._wait_mds_active()

@@ -22,7 +22,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -38,7 +37,8 @@ from images.formats import save_archive_file
 from images.store import Store
 from runtime.busybox import build_rootfs
 
-from .dockerd import _is_zombie, _pids_in_cgroups, _pids_mentioning, _remove_cgroups, _unmount_under
+from . import processes
+from .dockerd import pids_in_cgroups, remove_cgroups, unmount_under
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -67,29 +67,11 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, log: Path) -
     deadline = time.monotonic() + _START_TIMEOUT
     while not _answers(path):
         if proc.poll() is not None:
-            raise ContainerdError(f"{what} exited with {proc.returncode}: {_tail(log)}")
+            raise ContainerdError(f"{what} exited with {proc.returncode}: {processes.log_tail(log, 30)}")
         if time.monotonic() > deadline:
             raise ContainerdError(f"{what} did not listen on {path} within {_START_TIMEOUT:.0f}s: "
-                                  f"{_tail(log)}")
+                                  f"{processes.log_tail(log, 30)}")
         time.sleep(0.05)
-
-
-def _tail(log: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @dataclass
@@ -111,7 +93,7 @@ class Snapshotter:
         _wait_for(self.address, self.proc, "strata snapshotter", self.log)
 
     def stop(self) -> None:
-        _stop(self.proc)
+        processes.stop(self.proc, 30)
         self.proc = None
 
     def kill9(self) -> None:
@@ -121,7 +103,7 @@ class Snapshotter:
             self.proc = None
 
     def log_tail(self) -> str:
-        return _tail(self.log)
+        return processes.log_tail(self.log, 30)
 
 
 @contextlib.contextmanager
@@ -141,7 +123,7 @@ def running_snapshotter(dir: Path | None = None, *, premount: bool = False) -> I
     finally:
         snap.stop()
         if made:
-            _unmount_under(d)
+            unmount_under(d)
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -223,11 +205,11 @@ class Containerd:
             self.ctr("containers", "delete", c, check=False)
 
     def stop(self) -> None:
-        _stop(self.proc)
+        processes.stop(self.proc, 30)
         self.proc = None
 
     def log_tail(self) -> str:
-        return _tail(self.log)
+        return processes.log_tail(self.log, 30)
 
 
 def config(dir: Path, proxies: Mapping[str, Path]) -> str:
@@ -278,17 +260,10 @@ def running_containerd(snapshotter_address: Path, dir: Path | None = None, *,
             c.remove_all_containers()
         finally:
             c.stop()
-            pids = set(_pids_mentioning(str(c.address))) | set(_pids_in_cgroups(f"/{c.namespace}"))
-            pids.discard(os.getpid())
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while pids and time.monotonic() < deadline:
-                pids = {p for p in pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)}
-                time.sleep(0.05)
-            _unmount_under(d)
-            _remove_cgroups(f"/{c.namespace}")
+            processes.kill_all(set(processes.pids_mentioning(str(c.address)))
+                               | set(pids_in_cgroups(f"/{c.namespace}")))
+            unmount_under(d)
+            remove_cgroups(f"/{c.namespace}")
             if made:
                 shutil.rmtree(d, ignore_errors=True)
 

@@ -51,7 +51,6 @@ import fcntl
 import http.client
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -63,6 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.busybox import build_rootfs
+
+from . import processes
 
 LOCK_PATH = "/run/lock/strata-dockerd.lock"
 SOCKET_PATH = "/var/run/docker.sock"
@@ -147,10 +148,7 @@ class Dockerd:
         return res
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return processes.log_tail(self.log_path, lines)
 
     def start(self) -> None:
         """Start dockerd on this root and wait until it answers /_ping."""
@@ -177,13 +175,7 @@ class Dockerd:
 
     def stop(self) -> None:
         """Stop dockerd (SIGTERM, SIGKILL if it hangs) and kill whatever it left running."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        processes.stop(self.proc, _STOP_TIMEOUT)
         self.proc = None
         self._kill_leftovers()
 
@@ -196,7 +188,7 @@ class Dockerd:
             self.proc.wait()
             self.proc = None
         self._kill_leftovers()
-        _unmount_under(self.root)
+        unmount_under(self.root)
         shutil.rmtree(self.exec_root, ignore_errors=True)
 
     def restart(self) -> None:
@@ -207,38 +199,11 @@ class Dockerd:
     def _kill_leftovers(self) -> None:
         """containerd, its shims and container processes of this instance, found by our root
         in their command line or by our cgroup parent, killed by pid."""
-        pids = set(_pids_mentioning(str(self.root)))
-        pids.update(_pids_in_cgroups(self.cgroup_parent))
-        pids.discard(os.getpid())
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while pids and time.monotonic() < deadline:
-            pids = {p for p in pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)}
-            time.sleep(0.05)
+        processes.kill_all(set(processes.pids_mentioning(str(self.root)))
+                           | set(pids_in_cgroups(self.cgroup_parent)))
 
 
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _pids_mentioning(needle: str) -> Iterator[int]:
-    raw = needle.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if raw in (entry / "cmdline").read_bytes():
-                yield int(entry.name)
-        except OSError:
-            continue
-
-
-def _cgroup_dirs(parent: str) -> list[Path]:
+def cgroup_dirs(parent: str) -> list[Path]:
     """Every cgroup directory (v1 hierarchies and the v2 mount) named by our cgroup parent."""
     base = Path("/sys/fs/cgroup")
     rel = parent.strip("/")
@@ -246,15 +211,15 @@ def _cgroup_dirs(parent: str) -> list[Path]:
     return [c for c in dict.fromkeys(candidates) if c.is_dir()]
 
 
-def _pids_in_cgroups(parent: str) -> Iterator[int]:
-    for top in _cgroup_dirs(parent):
+def pids_in_cgroups(parent: str) -> Iterator[int]:
+    for top in cgroup_dirs(parent):
         for procs in top.rglob("cgroup.procs"):
             with contextlib.suppress(OSError, ValueError):
                 yield from (int(x) for x in procs.read_text().split())
 
 
-def _remove_cgroups(parent: str) -> None:
-    for top in _cgroup_dirs(parent):
+def remove_cgroups(parent: str) -> None:
+    for top in cgroup_dirs(parent):
         for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             with contextlib.suppress(OSError):
                 d.rmdir()
@@ -262,7 +227,7 @@ def _remove_cgroups(parent: str) -> None:
             top.rmdir()
 
 
-def _unmount_under(root: Path) -> None:
+def unmount_under(root: Path) -> None:
     """Lazily unmount every mount at or below root, deepest first."""
     prefix = str(root.resolve())
     for _ in range(3):
@@ -313,8 +278,8 @@ def running_dockerd(extra_args: Sequence[str] = ()) -> Iterator[Dockerd]:
             raise
         finally:
             d.stop()
-            _unmount_under(root)
-            _remove_cgroups(d.cgroup_parent)
+            unmount_under(root)
+            remove_cgroups(d.cgroup_parent)
             shutil.rmtree(root, ignore_errors=True)
 
 

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -48,6 +47,8 @@ from typing import Any
 from plugin_api.client import PluginClient
 from runtime.output import Progress, print_json, print_table
 from volumes.state import remove_tree
+
+from . import processes
 
 STRATA = str(Path(sys.executable).with_name("strata"))
 CONCURRENCY = (1, 16, 64)
@@ -83,12 +84,7 @@ def plugin_service(cephfs: dict[str, Any] | None = None, name: str = "strata",
             time.sleep(0.05)
         yield f"unix://{sock}", f"unix://{shared}"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        processes.stop(proc, 30)
         log.close()
         remove_tree(top)  # detaches any volume mount a failed run left
 

@@ -4,8 +4,6 @@ restarted by some tests) on a private state root, spoken to as dockerd speaks to
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.volumes.conftest import Env, Service
+from tests.volumes.conftest import Env, Service, serving
 from volumes.state import remove_tree
 
 
@@ -54,14 +52,6 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 @pytest.fixture
 def service(env: Env, tmp_path: Path) -> Iterator[GraphService]:
-    sock_dir = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))  # AF_UNIX paths stop at 108 bytes
-    svc = GraphService(env, sock_dir / "p.sock", tmp_path / "spec")
-    try:
-        svc.start()
+    with serving(GraphService, env, tmp_path) as svc:
         yield svc
-    finally:
-        if svc.proc is not None:
-            svc.proc.kill()
-            svc.proc.wait()
-        shutil.rmtree(sock_dir, ignore_errors=True)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import processes
 from tests.runtime.conftest import IMAGE, STRATA, Strata
 
 
@@ -67,12 +67,7 @@ def plugin(strata: Strata) -> Iterator[str]:
             time.sleep(0.1)
         yield name
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        processes.stop(proc, 20)
         sock.unlink(missing_ok=True)
 
 

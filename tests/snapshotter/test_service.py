@@ -17,6 +17,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from benchmarks import processes
 from benchmarks.containerd import STRATA, Snapshotter
 from plugin_api._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from plugin_api._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
@@ -237,13 +238,7 @@ def test_socket_is_root_only_and_not_shared(snap: Snapshotter) -> None:
 
 def _exit_status(proc: subprocess.Popen[bytes]) -> int | None:
     """SIGTERM, then its exit status within 30 s; None (and SIGKILL) if it hangs."""
-    proc.terminate()
-    try:
-        return proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return None
+    return processes.stop(proc, 30)
 
 
 def test_tells_systemd_once_it_listens(tmp_path: Path) -> None:

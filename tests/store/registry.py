@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import processes
+
 REGISTRY = "/usr/bin/docker-registry"
 
 
@@ -60,10 +62,5 @@ def running_registry() -> Iterator[Registry]:
             time.sleep(0.1)
         yield Registry(f"127.0.0.1:{port}", root / "data", log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        processes.stop(proc, 10)
         shutil.rmtree(root, ignore_errors=True)

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from benchmarks.ceph import Cluster, running_ceph
-from benchmarks.dockerd import _pids_mentioning as pids_mentioning
+from benchmarks.processes import pids_mentioning
 from plugin_api.client import PluginClient
 from volumes import VolumeConfig, VolumeManager
 from volumes.state import remove_tree
@@ -155,11 +155,15 @@ class Service:
         return PluginClient(self.address)
 
 
-@pytest.fixture
-def service(env: Env, tmp_path: Path) -> Iterator[Service]:
-    # A short directory for the socket: AF_UNIX paths stop at 108 bytes.
+S = TypeVar("S", bound=Service)
+
+
+@contextlib.contextmanager
+def serving(kind: type[S], env: Env, tmp_path: Path) -> Iterator[S]:
+    """A started `kind` of service on a socket in a short directory (AF_UNIX paths stop at
+    108 bytes); killed and its directory removed afterwards."""
     sock_dir = Path(tempfile.mkdtemp(prefix="sv-", dir="/tmp"))
-    svc = Service(env, sock_dir / "p.sock", tmp_path / "spec")
+    svc = kind(env, sock_dir / "p.sock", tmp_path / "spec")
     try:
         svc.start()
         yield svc
@@ -168,6 +172,12 @@ def service(env: Env, tmp_path: Path) -> Iterator[Service]:
             svc.proc.kill()
             svc.proc.wait()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def service(env: Env, tmp_path: Path) -> Iterator[Service]:
+    with serving(Service, env, tmp_path) as svc:
+        yield svc
 
 
 # -- shared volumes on CephFS: one private cluster for the whole session --------------------

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from benchmarks.ceph import Cluster
-from benchmarks.dockerd import _pids_mentioning as pids_mentioning
+from benchmarks.processes import pids_mentioning
 from common import kernel
 
 from .conftest import SHARED_TIMEOUT, SharedHost
