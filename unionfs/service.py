@@ -119,10 +119,12 @@ def serve(path: str) -> int:
                 if uid != 0:
                     continue
                 try:
-                    msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, _FDS)
+                    msg, fds, flags, _ = socket.recv_fds(conn, 1 << 20, _FDS)
                 except OSError:
                     continue
                 try:
+                    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                        continue  # cut short: the caller mounts by itself, with all of it
                     if msg == b"S" or _code_stamp() != stamp:
                         break  # a caller falls back to mounting itself
                     if len(fds) == _FDS and msg.startswith(b"M") and os.fork() == 0:

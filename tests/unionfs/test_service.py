@@ -170,3 +170,34 @@ def test_a_stopped_service_removes_its_socket(tmp_path: Path, fresh_service: Non
         time.sleep(0.02)
     assert _service_pid() is None
     assert not os.path.exists(launch.socket_path(service.__file__))
+
+
+def test_nobody_else_can_reach_the_service(tmp_path: Path, fresh_service: None) -> None:
+    lowers, _, _, mnt = layer_dirs(tmp_path, 1)
+    subprocess.run([STRATA, "-o", f"lowerdir={lowers[0]}", str(mnt)], check=True)
+    unmount(mnt)
+    _wait_for_service()
+    path = launch.socket_path(service.__file__)
+    assert os.stat(launch.SERVICE_DIR).st_mode & 0o777 == 0o700
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    probe = (f"import socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.connect({path!r})")
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                          probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "PermissionError" in out.stderr
+
+
+def test_a_command_line_too_long_for_the_service_is_mounted_the_long_way(tmp_path: Path,
+                                                                        fresh_service: None) -> None:
+    """Longer than one socket message (~300 KB): the command mounts by itself; here the
+    missing layers make it the one-line error it would be anyway, and nothing is mounted."""
+    lowers, _, _, mnt = layer_dirs(tmp_path, 1)
+    subprocess.run([STRATA, "-o", f"lowerdir={lowers[0]}", str(mnt)], check=True)
+    unmount(mnt)
+    pid = _wait_for_service()
+    missing = ":".join(f"{tmp_path}/missing-{i:06d}" for i in range(1200))  # ~100 KB, under execve's limit
+    out = subprocess.run([STRATA, *(["-o", f"lowerdir={missing}"] * 3), str(mnt)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.startswith("strata-unionfs: ") and len(out.stderr.strip().splitlines()) == 1
+    assert not is_mounted(mnt)
+    assert _service_pid() == pid  # still serving
